@@ -1,0 +1,23 @@
+"""fxpress: a compiler-style compression toolkit for diffusion models."""
+
+from fxpress.api import CompressResult, compress, load, save
+from fxpress.errors import (
+    AllocationError,
+    ArtifactError,
+    CaptureError,
+    FxpressError,
+    PassError,
+    PipelineOrderError,
+    RecipeError,
+)
+from fxpress.frontends.capture import capture
+from fxpress.ir.graph import Graph, Inputs
+from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.pipeline import Pipeline
+from fxpress.recipes import BitsFusionRecipe, UniformRecipe, make_recipe
+
+__all__ = [
+    "AllocationError", "ArtifactError", "BitsFusionRecipe", "CaptureError", "CompressResult", "FxpressError",
+    "Graph", "Inputs", "Pass", "PassError", "PassResult", "Pipeline", "PipelineOrderError", "RecipeError",
+    "UniformRecipe", "capture", "compress", "load", "make_recipe", "save",
+]

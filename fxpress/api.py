@@ -1,0 +1,131 @@
+"""The programmatic entry points: `compress`, `save`, `load`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fxpress.backends.torch_load import load as _load
+from fxpress.backends.torch_save import artifact_contents
+from fxpress.errors import RecipeError
+from fxpress.frontends.calibration import spread_timesteps
+from fxpress.frontends.capture import capture
+from fxpress.ir.artifact import artifact_bytes, write_artifact
+from fxpress.ir.graph import Graph, Inputs
+from fxpress.passes.module_edit import timestep_input
+from fxpress.passes.pipeline import Pipeline, PipelineReport, relative_error
+from fxpress.passes.quant.allocate_bits import weights_only_bits
+from fxpress.passes.quant.select_layers import resolve_keep
+from fxpress.recipes import Recipe, make_recipe
+
+
+@dataclass
+class CompressResult:
+    """A compressed Graph with the recipe that made it and the per-pass report."""
+
+    graph: Graph
+    recipe: Recipe
+    report: PipelineReport
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.graph.module
+
+
+def _as_inputs(example_inputs: Any) -> Inputs:
+    if isinstance(example_inputs, Inputs):
+        return example_inputs
+    if hasattr(example_inputs, "args") and hasattr(example_inputs, "kwargs"):
+        return Inputs(tuple(example_inputs.args), dict(example_inputs.kwargs))
+    if isinstance(example_inputs, dict):
+        return Inputs((), dict(example_inputs))
+    if isinstance(example_inputs, torch.Tensor):
+        return Inputs((example_inputs,), {})
+    return Inputs(tuple(example_inputs), {})
+
+
+def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", *,
+             calibration: list[Any] | None = None, verify: bool = True, **overrides: Any) -> CompressResult:
+    """Capture `model`, run the recipe's passes on a copy and return a CompressResult.
+
+    `example_inputs` is a tuple of args, a dict of kwargs, or an object with `.args`/`.kwargs`.
+    Overrides such as `target_bits=1.99` replace recipe fields. The recipe and its layer names are
+    validated before any pass runs; `model` is never modified.
+    """
+    recipe = make_recipe(recipe, **overrides)
+    example = _as_inputs(example_inputs)
+    graph = capture(model, example.args, example.kwargs)
+    if calibration:
+        graph.calibration = [_as_inputs(c) for c in calibration]
+    else:
+        t_name = timestep_input(graph.input_names)
+        count = getattr(recipe, "calibration", 1)
+        graph.calibration = spread_timesteps(example, t_name, count) if t_name else [example]
+    keep_names = [k for k in recipe.keep if k not in ("first", "last", "time_embedding")]
+    resolve_keep(graph, keep_names)  # raises RecipeError for an unknown layer name before any work
+    new_graph, report = Pipeline(recipe.passes(), verify=verify).run(graph)
+    summary = {"recipe": recipe.name, "weights_only_bits": weights_only_bits(new_graph)}
+    if verify:
+        with torch.no_grad():
+            summary["output_rel_error"] = relative_error(graph.run(), new_graph.run())
+    return CompressResult(new_graph, recipe, report, summary)
+
+
+def _bits_plot(result: CompressResult) -> bytes:
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    anns = result.graph.annotations()
+    paths = list(anns)
+    bits = [anns[p].quant.cost_bits if anns[p].quant else 16.0 for p in paths]
+    colors = ["tab:blue" if anns[p].quant else "tab:gray" for p in paths]
+    fig, ax = plt.subplots(figsize=(max(8, len(paths) * 0.06), 3.5))
+    ax.bar(range(len(paths)), bits, color=colors, width=1.0)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("layer (execution order); grey = kept at 16 bits")
+    ax.set_ylabel("bits per weight (log2 levels)")
+    ax.set_title(f"{result.summary.get('model', '')} {result.recipe.name}: "
+                 f"{result.summary.get('weights_only_bits', math.nan):.3f} bits on average")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def save(result: CompressResult | Graph, directory: str | Path, overwrite: bool = False,
+         plot: bool = True) -> dict[str, Any]:
+    """Write the artifact for `result` to `directory` atomically; return its size summary.
+
+    Raises ArtifactError if the directory exists (unless `overwrite`) or the model cannot be rebuilt.
+    """
+    graph = result.graph if isinstance(result, CompressResult) else result
+    payload, tensors = artifact_contents(graph)
+    if isinstance(result, CompressResult):
+        payload["recipe"] = {"name": result.recipe.name, **asdict(result.recipe)}
+        payload["report"] = result.report.to_json()
+        payload["summary"] = result.summary
+    extra = {"bits_per_layer.png": _bits_plot(result)} if plot and isinstance(result, CompressResult) else None
+    path = write_artifact(directory, payload, tensors, extra, overwrite=overwrite)
+    total_params = sum(p.numel() for p in graph.module.parameters()) + sum(
+        m.weight_shape[0] * m.cols for m in graph.module.modules() if hasattr(m, "packed"))
+    size = artifact_bytes(path)
+    return {"path": str(path), "bytes": size, "artifact_bits_per_param": size * 8 / max(total_params, 1),
+            "total_params": total_params}
+
+
+def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Return the runnable compressed model of an artifact (see backends.torch_load.load)."""
+    return _load(directory, model)
+
+
+__all__ = ["CompressResult", "RecipeError", "compress", "load", "save"]

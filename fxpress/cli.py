@@ -1,0 +1,160 @@
+"""The `fxpress` command: compress, inspect, profile, zoo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fxpress.errors import FxpressError
+
+console = Console(width=max(Console().width, 150))
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from fxpress.api import compress, save
+    from fxpress.frontends import zoo
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FxpressError(f"{args.out} already exists; pass --overwrite to replace it")
+    from fxpress.recipes import make_recipe
+    overrides = {"target_bits": args.target_bits, "eta": args.eta, "sensitivity": args.sensitivity}
+    if args.budget_mb is not None:
+        overrides.update(budget_bytes=int(args.budget_mb * 1e6), target_bits=None)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items()
+                                         if k in ("target_bits", "budget_bytes", "eta", "sensitivity")
+                                         and (args.recipe != "uniform")})
+    entry = zoo.get(args.model)
+    start = time.perf_counter()
+    model = entry.build(seed=args.seed)
+    example = entry.example_inputs(seed=args.seed)
+    console.log(f"built {args.model}: {sum(p.numel() for p in model.parameters()):,} params "
+                f"in {time.perf_counter() - start:.1f} s")
+    torch.set_grad_enabled(False)
+    result = compress(model, example, recipe, verify=not args.no_verify)
+    result.summary["model"] = args.model
+    info = save(result, args.out, overwrite=args.overwrite)
+    _print_report(result, info, time.perf_counter() - start)
+    return 0
+
+
+def _print_report(result, info, seconds: float) -> None:
+    table = Table(title="passes")
+    for col in ("pass", "seconds", "changed", "output rel. error", "details"):
+        table.add_column(col)
+    for p in result.report.passes:
+        details = {k: v for k, v in p.details.items() if k not in ("kept", "cached")}
+        table.add_row(p.name, f"{p.seconds:.1f}", "yes" if p.modified else "no",
+                      "-" if p.rel_error is None else f"{p.rel_error:.4g}", json.dumps(details)[:90])
+    console.print(table)
+    summary = result.summary
+    console.print(
+        f"[bold]{summary.get('model', '')}[/bold] → {info['path']}: {info['bytes'] / 1e6:,.2f} MB, "
+        f"{summary['weights_only_bits']:.4f} bits per quantized weight (log2 levels), "
+        f"{info['artifact_bits_per_param']:.3f} artifact bits per parameter, "
+        f"fp16 size {info['total_params'] * 2 / 1e6:,.1f} MB "
+        f"({info['total_params'] * 2 / info['bytes']:.2f}x smaller); output rel. error "
+        f"{summary.get('output_rel_error', float('nan')):.4g}; {seconds:.1f} s")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from fxpress.ir.artifact import artifact_bytes, read_manifest
+
+    manifest = read_manifest(args.dir)
+    lowbit = manifest.get("lowbit_layers", {})
+    table = Table(title=f"{args.dir}: {manifest['source'].get('class', '?')}")
+    for col in ("layer", "width", "levels", "params", "stored bits/w", "sensitivity", "weight rel. error"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    total_w = total_bits = 0.0
+    for path, ann in manifest.get("annotations", {}).items():
+        quant = ann.get("quant")
+        entry = lowbit.get(path)
+        params = 1
+        for s in (entry or {}).get("weight_shape", []):
+            params *= s
+        if quant and entry:
+            stored = entry["coded_bytes"] * 8 / params
+            total_w, total_bits = total_w + params, total_bits + entry["coded_bytes"] * 8
+            key = f"{quant['grid'][0]}{quant['bits']}"
+            sens = ann.get("sensitivity", {})
+            mode = next(iter(sens), None)
+            value = sens[mode]["error"].get(key) if mode else None
+            table.add_row(path, f"{quant['bits']} ({quant['grid']})", str(entry["levels"]), f"{params:,}",
+                          f"{stored:.3f}", "-" if value is None else f"{value:.3g}",
+                          f"{ann.get('weight_error') or 0:.3g}")
+        else:
+            table.add_row(path, ann.get("keep_reason") or "fp", "-", "-", "-", "-", "-")
+    console.print(table)
+    size = artifact_bytes(args.dir)
+    summary = manifest.get("summary", {})
+    console.print(f"{size / 1e6:,.2f} MB on disk; weight codes {total_bits / 8e6:,.2f} MB = "
+                  f"{total_bits / max(total_w, 1):.4f} stored bits per quantized weight "
+                  f"(allocated {summary.get('weights_only_bits', float('nan')):.4f})")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from fxpress.frontends import zoo
+    from fxpress.frontends.capture import capture
+
+    entry = zoo.get(args.model)
+    example = entry.example_inputs()
+    capture(entry.build(), example.args, example.kwargs).profile(console)
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from fxpress.frontends.zoo import ZOO
+
+    for name, entry in ZOO.items():
+        console.print(f"{name:10s} {entry.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the `fxpress` command."""
+    parser = argparse.ArgumentParser(prog="fxpress", description="Compress diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compress", help="compress a zoo model into an artifact directory")
+    c.add_argument("model", help="zoo model name (see `fxpress zoo`)")
+    c.add_argument("--recipe", default="bitsfusion", help="bitsfusion, uniform, or a recipe .toml file")
+    c.add_argument("--target-bits", type=float, default=None, help="average log2(levels) per quantized weight")
+    c.add_argument("--budget-mb", type=float, default=None, help="artifact byte budget instead of a bit target")
+    c.add_argument("--eta", type=float, default=None, help="parameter-size factor of the allocator")
+    c.add_argument("--sensitivity", choices=("local", "e2e"), default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="artifact directory to write")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--no-verify", action="store_true", help="skip the per-pass output check")
+    c.set_defaults(func=_compress)
+    i = sub.add_parser("inspect", help="per-layer table of an artifact")
+    i.add_argument("dir")
+    i.set_defaults(func=_inspect)
+    p = sub.add_parser("profile", help="per-layer shapes, FLOPs and bytes of a zoo model")
+    p.add_argument("model")
+    p.set_defaults(func=_profile)
+    z = sub.add_parser("zoo", help="list the built-in models")
+    z.set_defaults(func=_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for an fxpress error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FxpressError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

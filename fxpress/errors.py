@@ -1,0 +1,38 @@
+"""Typed errors raised by fxpress; every one says what failed and where."""
+
+from __future__ import annotations
+
+
+class FxpressError(Exception):
+    """Base class of every error fxpress raises on purpose."""
+
+
+class CaptureError(FxpressError):
+    """The model could not be captured into a Graph (names the module path and source line)."""
+
+
+class PassError(FxpressError):
+    """A pass failed; carries the pass name, and the node and module path where known."""
+
+    def __init__(self, message: str, pass_name: str = "", node: str = "", module_path: str = ""):
+        self.pass_name, self.node, self.module_path = pass_name, node, module_path
+        where = ", ".join(
+            f"{k} {v!r}" for k, v in (("pass", pass_name), ("node", node), ("module", module_path)) if v
+        )
+        super().__init__(f"{message} ({where})" if where else message)
+
+
+class PipelineOrderError(FxpressError):
+    """A pass needs an input that no earlier pass (nor the Graph) provides."""
+
+
+class RecipeError(FxpressError):
+    """A recipe or its arguments are invalid; raised before any work starts."""
+
+
+class AllocationError(FxpressError):
+    """No bit assignment meets the requested target."""
+
+
+class ArtifactError(FxpressError):
+    """An artifact directory is missing, corrupt, truncated, tampered with or unsupported."""

@@ -1,0 +1,117 @@
+"""`Graph`: a captured model (FX graph from torch.export) plus typed annotations per layer."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import fx, nn
+
+from fxpress.ir.annotations import LayerAnnotation
+from fxpress.ir.layers import Layer, find_layers
+
+META_KEY = "fxpress"
+
+
+@dataclass
+class Inputs:
+    """Positional and keyword arguments for one call of the model."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Graph:
+    """A captured model: the runnable `module`, its FX `graph_module`, and the layer view.
+
+    Transform passes replace submodules of `module` (never tensors in place) and record what they
+    did as annotations on the graph nodes of each layer.
+    """
+
+    def __init__(self, module: nn.Module, graph_module: fx.GraphModule, param_names: dict[str, str],
+                 example: Inputs, calibration: list[Inputs] | None = None,
+                 source: dict[str, Any] | None = None, input_names: list[str] | None = None):
+        self.module = module
+        self.graph_module = graph_module
+        self.param_names = param_names
+        self.example = example
+        self.calibration = calibration or [example]
+        self.source = source or {}
+        self.input_names = input_names or []
+        self.provided: set[str] = {"layers"}
+        self.extras: dict[str, Any] = {}
+        self.layers: dict[str, Layer] = find_layers(graph_module.graph, param_names)
+
+    def nodes_of(self, path: str) -> list[fx.Node]:
+        """Return the graph nodes that call layer `path`."""
+        names = set(self.layers[path].nodes)
+        return [n for n in self.graph_module.graph.nodes if n.name in names]
+
+    def annotation(self, path: str) -> LayerAnnotation:
+        """Return (creating if needed) the annotation of layer `path`, kept in node.meta."""
+        nodes = self.nodes_of(path)
+        ann = nodes[0].meta.get(META_KEY)
+        if ann is None:
+            ann = LayerAnnotation()
+            for node in nodes:
+                node.meta[META_KEY] = ann
+        return ann
+
+    def annotations(self) -> dict[str, LayerAnnotation]:
+        """Return the annotation of every layer, keyed by module path."""
+        return {path: self.annotation(path) for path in self.layers}
+
+    def copy(self) -> Graph:
+        """Return an independent copy: module, FX graph and annotations are all duplicated."""
+        anns = {p: copy.deepcopy(a) for p, a in self.annotations().items()}
+        new = Graph.__new__(Graph)
+        new.__dict__.update(self.__dict__)
+        new.module = copy.deepcopy(self.module)
+        new.graph_module = copy.deepcopy(self.graph_module)
+        new.layers = copy.deepcopy(self.layers)
+        new.provided = set(self.provided)
+        new.extras = copy.deepcopy(self.extras)
+        for path, ann in anns.items():
+            for node in new.nodes_of(path):
+                node.meta[META_KEY] = ann
+        return new
+
+    @torch.no_grad()
+    def run(self, inputs: Inputs | None = None) -> Any:
+        """Run the module on `inputs` (the example inputs by default)."""
+        inputs = inputs or self.example
+        return self.module(*inputs.args, **inputs.kwargs)
+
+    def profile(self, console: Console | None = None) -> Table:
+        """Print (and return) the per-layer table: kind, shapes, params, FLOPs, bytes, annotations."""
+        table = Table(title=f"{type(self.module).__name__}: {len(self.layers)} weight-bearing layers")
+        for col in ("layer", "kind", "weight", "params", "in", "out", "MFLOPs", "MB", "bits"):
+            table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+        for path, layer in self.layers.items():
+            ann = self.annotation(path)
+            bits = ann.quant.key if ann.quant else (ann.keep_reason or "-")
+            table.add_row(path, layer.kind, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
+                          "x".join(map(str, layer.in_shape)), "x".join(map(str, layer.out_shape)),
+                          f"{layer.flops / 1e6:,.1f}", f"{layer.bytes / 1e6:,.2f}", bits)
+        total = sum(layer.params for layer in self.layers.values())
+        table.caption = (f"{total:,} params in layers, {sum(p.numel() for p in self.module.parameters()):,}"
+                         f" in the model, {sum(la.flops for la in self.layers.values()) / 1e9:,.2f} GFLOPs")
+        (console or Console()).print(table)
+        return table
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """Flatten a model output (tensor, tuple, dict or diffusers/transformers output) to tensors."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [t for v in output.values() for t in output_tensors(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in output_tensors(v)]
+    if hasattr(output, "to_tuple"):
+        return output_tensors(output.to_tuple())
+    return []

@@ -1,0 +1,86 @@
+"""`SelectLayers`: decide which layers get quantized; the rest keep high precision, with a reason."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+from fxpress.errors import RecipeError
+from fxpress.ir.dataflow import input_dependencies, timestep_only_modules
+from fxpress.ir.graph import Graph
+from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.module_edit import timestep_input
+
+SPECIAL = ("first", "last", "time_embedding")
+
+
+def resolve_keep(graph: Graph, keep: list[str]) -> dict[str, str]:
+    """Map each layer matched by `keep` to the entry that matched it.
+
+    Entries are module-path globs or the structural names 'first' (the first layer on the path of the
+    model's first input), 'last' (the last layer run) and 'time_embedding' (layers of the shared
+    timestep-only module). Raises RecipeError for an entry that matches no layer.
+    """
+    order = list(graph.layers)
+    nodes = {n.name: n for n in graph.graph_module.graph.nodes}
+    deps = input_dependencies(graph.graph_module.graph, graph.input_names)
+    matched: dict[str, str] = {}
+    for entry in keep:
+        if entry == "first":
+            first_input = graph.input_names[0] if graph.input_names else None
+            hits = [p for p in order if first_input in deps[nodes[graph.layers[p].nodes[0]]]][:1]
+        elif entry == "last":
+            hits = order[-1:]
+        elif entry == "time_embedding":
+            t_name = timestep_input(graph.input_names)
+            cached = graph.extras.get("time_cache", {}).get("modules", [])
+            layer_nodes = {n for layer in graph.layers.values() for n in layer.nodes}
+            mods = cached or (timestep_only_modules(graph.graph_module.graph, graph.input_names, t_name,
+                                                    layer_nodes) if t_name else [])
+            hits = [p for p in order if any(p.startswith(m + ".") for m in mods)]
+            if not t_name:
+                continue  # a model without a timestep has no time embedding to keep
+        else:
+            hits = [p for p in order if fnmatch.fnmatchcase(p, entry)]
+            if not hits:
+                raise RecipeError(f"keep entry {entry!r} matches no layer; layers look like {order[:3]}")
+        for path in hits:
+            matched.setdefault(path, entry)
+    return matched
+
+
+class SelectLayers(Pass):
+    """Mark layers to keep in high precision (by `keep`) or that cannot be quantized; provides 'selection'."""
+
+    provides = ("selection",)
+
+    def __init__(self, keep: list[str] | None = None):
+        self.keep = list(SPECIAL) if keep is None else list(keep)
+
+    def run(self, graph: Graph) -> PassResult:
+        kept = resolve_keep(graph, self.keep)
+        reasons: dict[str, str] = {}
+        for path, layer in graph.layers.items():
+            ann = graph.annotation(path)
+            if ann.keep_reason:
+                reasons[path] = ann.keep_reason
+                continue
+            module = graph.module.get_submodule(path)
+            if path in kept:
+                ann.keep_reason = f"keep:{kept[path]}"
+            elif type(module) not in (nn.Linear, nn.Conv2d):
+                ann.keep_reason = f"unsupported module {type(module).__name__}"
+            elif isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros"
+                                                    or isinstance(module.padding, str)):
+                ann.keep_reason = "unsupported conv padding"
+            if ann.keep_reason:
+                reasons[path] = ann.keep_reason
+        selected = [p for p in graph.layers if not graph.annotation(p).keep_reason]
+        return PassResult(graph, False, {"selected": len(selected), "kept": reasons,
+                                         "selected_params": sum(graph.layers[p].weight_params for p in selected)})
+
+
+def selected_layers(graph: Graph) -> list[str]:
+    """Return the layers chosen for quantization, in execution order."""
+    return [p for p in graph.layers if not graph.annotation(p).keep_reason]

@@ -1,0 +1,167 @@
+"""Recipes: validated dataclass configs (loadable from TOML) that expand to a list of passes."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from fxpress.errors import RecipeError
+from fxpress.ir.annotations import GRIDS, QuantSpec
+from fxpress.passes.base import Pass
+from fxpress.passes.quant.allocate_bits import AllocateBits
+from fxpress.passes.quant.assign_uniform import AssignUniform
+from fxpress.passes.quant.quantize import QuantizeWeights, RoundToStorage
+from fxpress.passes.quant.select_layers import SelectLayers
+from fxpress.passes.quant.time_cache import CacheTimeEmbedding
+from fxpress.passes.sensitivity import MeasureSensitivity
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BitsFusionRecipe:
+    """BitsFusion post-training quantization: time-embedding cache, sensitivity, mixed-precision allocation.
+
+    Give `target_bits` (average log2(levels) over quantized weights) or `budget_bytes` (the whole artifact).
+    """
+
+    name: ClassVar[str] = "bitsfusion"
+    target_bits: float | None = 1.99
+    budget_bytes: int | None = None
+    widths: tuple[int, ...] = (1, 2, 3, 4, 8)
+    grids: tuple[str, ...] = ("balanced", "plain")
+    eta: float = 0.0
+    keep: tuple[str, ...] = ("first", "last", "time_embedding")
+    sensitivity: str = "local"
+    calibration: int = 4
+    scale_init: str = "als"
+    cache_time_embedding: bool = True
+    storage_dtype: str = "float16"
+    version: int = RECIPE_VERSION
+
+    def options(self) -> tuple[str, ...]:
+        """Return the option keys (grid, width) the allocator may choose from."""
+        keys = []
+        for bits in self.widths:
+            for grid in self.grids:
+                if grid == "plain" and bits == 1 or grid == "balanced" and bits == 8 and "plain" in self.grids:
+                    continue  # a 2-level {-1, 0} grid is useless; balanced 8-bit adds nothing over plain
+                keys.append(QuantSpec(bits, grid).key)
+        return tuple(keys)
+
+    def validate(self) -> BitsFusionRecipe:
+        """Return self, or raise RecipeError naming the first invalid field."""
+        _common_checks(self)
+        if not self.widths or any(not isinstance(b, int) or not 1 <= b <= 8 for b in self.widths):
+            raise RecipeError(f"widths must be integers in 1..8, got {list(self.widths)}")
+        if not self.grids or any(g not in GRIDS for g in self.grids):
+            raise RecipeError(f"grids must be among {GRIDS}, got {list(self.grids)}")
+        if (self.target_bits is None) == (self.budget_bytes is None):
+            raise RecipeError("give exactly one of target_bits and budget_bytes")
+        costs = [QuantSpec.from_key(k).cost_bits for k in self.options()]
+        if self.target_bits is not None and not min(costs) <= self.target_bits <= max(costs):
+            raise RecipeError(f"target of {self.target_bits} bits is impossible with widths {list(self.widths)}: "
+                              f"options cost {min(costs):.3f} to {max(costs):.3f} bits per weight")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise RecipeError(f"budget_bytes must be positive, got {self.budget_bytes}")
+        if not 0 <= self.eta <= 1:
+            raise RecipeError(f"eta must be in [0, 1], got {self.eta}")
+        if self.sensitivity not in ("local", "e2e"):
+            raise RecipeError(f"sensitivity must be 'local' or 'e2e', got {self.sensitivity!r}")
+        if self.calibration < 1:
+            raise RecipeError(f"calibration must be at least 1, got {self.calibration}")
+        return self
+
+    def passes(self) -> list[Pass]:
+        """Return the pass list this recipe stands for."""
+        return [
+            *([CacheTimeEmbedding()] if self.cache_time_embedding else []),
+            SelectLayers(list(self.keep)),
+            MeasureSensitivity(self.sensitivity, self.options(), self.calibration, self.scale_init),
+            AllocateBits(self.target_bits, self.budget_bytes, self.options(), self.eta, self.sensitivity,
+                         self.scale_init),
+            QuantizeWeights(),
+            RoundToStorage(self.storage_dtype),
+        ]
+
+
+@dataclass(frozen=True)
+class UniformRecipe:
+    """Every selected layer at one width and grid (default: plain 2-bit, min-max scales, the usual baseline)."""
+
+    name: ClassVar[str] = "uniform"
+    bits: int = 2
+    grid: str = "plain"
+    scale_init: str = "minmax"
+    keep: tuple[str, ...] = ("first", "last", "time_embedding")
+    cache_time_embedding: bool = False
+    storage_dtype: str = "float16"
+    version: int = RECIPE_VERSION
+
+    def validate(self) -> UniformRecipe:
+        """Return self, or raise RecipeError naming the first invalid field."""
+        _common_checks(self)
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise RecipeError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        if self.grid not in GRIDS:
+            raise RecipeError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        return self
+
+    def passes(self) -> list[Pass]:
+        """Return the pass list this recipe stands for."""
+        spec = QuantSpec(self.bits, self.grid, scale_init=self.scale_init)
+        return [*([CacheTimeEmbedding()] if self.cache_time_embedding else []), SelectLayers(list(self.keep)),
+                AssignUniform(spec), QuantizeWeights(), RoundToStorage(self.storage_dtype)]
+
+
+RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe}
+Recipe = BitsFusionRecipe | UniformRecipe
+
+
+def _common_checks(recipe: Any) -> None:
+    if recipe.version != RECIPE_VERSION:
+        raise RecipeError(f"recipe version {recipe.version} is not supported (this fxpress: {RECIPE_VERSION})")
+    if recipe.scale_init not in ("als", "minmax"):
+        raise RecipeError(f"scale_init must be 'als' or 'minmax', got {recipe.scale_init!r}")
+    if recipe.storage_dtype not in ("float16", "bfloat16", "float32"):
+        raise RecipeError(f"storage_dtype must be float16, bfloat16 or float32, got {recipe.storage_dtype!r}")
+    if any(not isinstance(k, str) or not k for k in recipe.keep):
+        raise RecipeError(f"keep entries must be non-empty strings, got {list(recipe.keep)}")
+
+
+def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Recipe:
+    """Return a validated recipe from a name ('bitsfusion'), a TOML file, a dict or a recipe, with overrides.
+
+    Raises RecipeError for an unknown name or field, or an invalid value.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(spec, (BitsFusionRecipe, UniformRecipe)):
+        base, data = spec, {}
+    else:
+        if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".toml")):
+            try:
+                data = tomllib.loads(Path(spec).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise RecipeError(f"cannot read recipe {spec}: {exc}") from exc
+        elif isinstance(spec, dict):
+            data = dict(spec)
+        else:
+            data = {"recipe": spec}
+        name = data.pop("recipe", "bitsfusion")
+        if name not in RECIPES:
+            raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        base = RECIPES[name]()
+    data.update(overrides)
+    known = {f.name for f in fields(base)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecipeError(f"unknown recipe field(s) {unknown} for {base.name!r}; known: {sorted(known)}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if data.get("budget_bytes") is not None and "target_bits" not in data:
+        data["target_bits"] = None
+    try:
+        return replace(base, **data).validate()
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"invalid recipe: {exc}") from exc

@@ -1,0 +1,125 @@
+"""save -> load equality, the model's own class back, and clear errors for damaged artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import ArtifactError
+from fxpress.ir.artifact import MANIFEST, TENSORS, read_artifact
+from fxpress.ir.graph import output_tensors
+from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+
+
+def test_load_equals_in_memory_model_exactly(tiny_compressed, tiny_artifact, tiny_unet):
+    model, example = tiny_unet
+    loaded = fxpress.load(tiny_artifact)
+    assert type(loaded) is type(model)
+    assert isinstance(loaded.down_blocks[0].resnets[0].conv1, LowBitConv2d)
+    assert isinstance(loaded.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q, LowBitLinear)
+    with torch.no_grad():
+        for t in (10, 500, 990):
+            kwargs = {**example.kwargs, "timestep": torch.tensor([t, t])}
+            a = output_tensors(tiny_compressed.model(**kwargs))[0]
+            b = output_tensors(loaded(**kwargs))[0]
+            assert torch.equal(a, b)
+
+
+def test_manifest_records_layers_and_checksums(tiny_artifact):
+    manifest = json.loads((tiny_artifact / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and manifest["source"]["library"] == "diffusers"
+    layer = manifest["lowbit_layers"]["down_blocks.0.resnets.0.conv1"]
+    assert layer["codec"] == "rans" and layer["levels"] in (3, 4, 5, 8, 9, 16, 17, 256)
+    assert all(len(t["sha256"]) == 64 for t in manifest["tensors"].values())
+    assert (tiny_artifact / "bits_per_layer.png").stat().st_size > 1000
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_tensor_is_detected(tiny_artifact, tmp_path):
+    art = _copy(tiny_artifact, tmp_path)
+    data = bytearray((art / TENSORS).read_bytes())
+    data[-100] ^= 0xFF
+    (art / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        fxpress.load(art)
+
+
+def test_truncated_tensors_file_is_detected(tiny_artifact, tmp_path):
+    art = _copy(tiny_artifact, tmp_path)
+    data = (art / TENSORS).read_bytes()
+    (art / TENSORS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        fxpress.load(art)
+
+
+def test_corrupt_or_missing_manifest(tiny_artifact, tmp_path):
+    art = _copy(tiny_artifact, tmp_path)
+    (art / MANIFEST).write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        fxpress.load(art)
+    (art / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        fxpress.load(art)
+    with pytest.raises(ArtifactError):
+        fxpress.load(tmp_path / "nowhere")
+
+
+def test_manifest_edit_is_detected(tiny_artifact, tmp_path):
+    art = _copy(tiny_artifact, tmp_path)
+    manifest = json.loads((art / MANIFEST).read_text())
+    name = next(iter(manifest["tensors"]))
+    manifest["tensors"][name]["sha256"] = "0" * 64
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="sha256"):
+        read_artifact(art)
+
+
+def test_untrusted_class_is_not_imported(tiny_artifact, tmp_path):
+    art = _copy(tiny_artifact, tmp_path)
+    manifest = json.loads((art / MANIFEST).read_text())
+    manifest["source"]["class"] = "os:system"
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="refusing to import"):
+        fxpress.load(art)
+
+
+def test_existing_directory_is_not_overwritten(tiny_compressed, tiny_artifact):
+    before = (tiny_artifact / MANIFEST).read_bytes()
+    with pytest.raises(ArtifactError, match="already exists"):
+        fxpress.save(tiny_compressed, tiny_artifact)
+    assert (tiny_artifact / MANIFEST).read_bytes() == before
+
+
+def test_failed_save_leaves_nothing(tiny_compressed, tmp_path, monkeypatch):
+    import fxpress.ir.artifact as artifact
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "save_file", broken)
+    with pytest.raises(OSError):
+        fxpress.save(tiny_compressed, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_module_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    x = torch.randn(4, 32)
+    result = fxpress.compress(net, (x,), "uniform", keep=(), bits=4)
+    fxpress.save(result, tmp_path / "seq")
+    with pytest.raises(ArtifactError, match="model="):
+        fxpress.load(tmp_path / "seq")
+    fresh = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    loaded = fxpress.load(tmp_path / "seq", model=fresh)
+    assert torch.equal(loaded(x), result.model(x))
