@@ -73,9 +73,9 @@ def test_capture_rejects_non_modules():
 def test_clip_text_and_dit_capture():
     from fxpress.frontends import zoo
 
-    for name, first in (("clip-text", "text_model.encoder.layers.0.self_attn.q_proj"),
+    for name, first in (("clip-text", "encoder.layers.0.self_attn.q_proj"),
                         ("dit-s", "pos_embed.proj")):
         entry = zoo.get(name)
         example = entry.example_inputs()
         graph = fxpress.capture(entry.build(), example.args, example.kwargs)
-        assert first in graph.layers
+        assert any(path.endswith(first) for path in graph.layers)  # transformers 5 drops `text_model.`

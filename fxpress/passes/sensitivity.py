@@ -1,7 +1,7 @@
 """`MeasureSensitivity`: the error that quantizing one layer alone causes, per candidate grid.
 
-* local: the layer's own relative output error ||x (Wq - W)||^2 / ||y||^2 on calibration inputs,
-  measured in one forward pass per input (fast).
+* local: the layer's own relative output error ||x (Wq - W)||^2 / ||x W + b||^2, on input rows
+  (tokens, or im2col patches of convolutions) sampled once from the calibration forwards (fast).
 * e2e: the model's output MSE and PSNR with only that layer quantized, over calibration inputs
   spread across timesteps (one forward per layer, option and input: exact, slower).
 """
@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxpress.errors import PassError
 from fxpress.ir.annotations import QuantSpec, Sensitivity
 from fxpress.ir.graph import Graph, output_tensors
 from fxpress.passes.base import Pass, PassResult
@@ -27,35 +28,24 @@ DEFAULT_OPTIONS = ("b1", "b2", "p2", "b3", "p3", "b4", "p4", "p8")
 
 
 def _weight_delta(weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) -> torch.Tensor:
+    """Return dequant(quant(W)) - W, computed in place on a float32 copy (as quantize_rows rounds)."""
     w2d = weight.detach().reshape(weight.shape[0], -1).float()
-    deq = quantize_rows(w2d, scale, spec).float() * scale.float().unsqueeze(1)
-    return (deq - w2d).reshape(weight.shape)
+    s = scale.float().unsqueeze(1)
+    delta = torch.div(w2d, s).round_().clamp_(spec.qmin, spec.qmax).mul_(s).sub_(w2d)
+    return delta.reshape(weight.shape)
 
 
-def _apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def layer_rows(module: nn.Module, x: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Return `count` rows of the layer's input matrix: token rows of a linear layer, or im2col patches
+    of a (groups=1) convolution at random output positions, so that row @ W2d.T is an output value."""
     if isinstance(module, nn.Conv2d):
-        return module._conv_forward(x, weight.to(x.dtype), None)
-    return F.linear(x, weight.to(x.dtype))
-
-
-def subsample(module: nn.Module, x: torch.Tensor, max_positions: int) -> torch.Tensor:
-    """Return a representative slice of a layer input with at most ~`max_positions` output positions:
-    evenly strided rows for a linear layer, a centred spatial crop for a convolution."""
-    if isinstance(module, nn.Conv2d):
-        h, w = x.shape[-2:]
-        side = max(1, int(max_positions ** 0.5))
-        if h * w <= max_positions or side >= min(h, w):
-            return x
-        stride = module.stride[0]
-        halo = (module.kernel_size[0] - 1) // 2
-        size = side * stride + 2 * halo
-        top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-        return x[..., top:top + size, left:left + size]
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= max_positions:
-        return rows
-    step = rows.shape[0] / max_positions
-    return rows[(torch.arange(max_positions) * step).long()]
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > count:
+        rows = rows[torch.randperm(rows.shape[0], generator=generator)[:count]]
+    return rows.float()
 
 
 class MeasureSensitivity(Pass):
@@ -65,10 +55,10 @@ class MeasureSensitivity(Pass):
     provides = ("sensitivity",)
 
     def __init__(self, mode: str = "local", options: tuple[str, ...] = DEFAULT_OPTIONS,
-                 calibration: int | None = None, scale_init: str = "als", max_positions: int = 2048):
+                 calibration: int | None = None, scale_init: str = "als", rows_per_layer: int = 256):
         if mode not in ("local", "e2e"):
             raise ValueError(f"sensitivity mode must be 'local' or 'e2e', got {mode!r}")
-        self.mode, self.calibration, self.max_positions = mode, calibration, max_positions
+        self.mode, self.calibration, self.rows_per_layer = mode, calibration, rows_per_layer
         self.specs = [QuantSpec.from_key(k, scale_init=scale_init) for k in options]
 
     def _scales(self, graph: Graph, paths: list[str]) -> dict[tuple[str, str], torch.Tensor]:
@@ -87,41 +77,66 @@ class MeasureSensitivity(Pass):
     def run(self, graph: Graph) -> PassResult:
         paths = selected_layers(graph)
         inputs = graph.calibration[: self.calibration] if self.calibration else graph.calibration
+        start = time.perf_counter()
+        rows = self._capture_rows(graph, paths, inputs) if self.mode == "local" else {}
         scales = self._scales(graph, paths)
         if self.mode == "local":
-            errors, psnr = self._local(graph, paths, inputs, scales), {}
+            errors, psnr = self._local(graph, paths, rows, scales), {}
         else:
             errors, psnr = self._e2e(graph, paths, inputs, scales)
         for path in paths:
             graph.annotation(path).sensitivity[self.mode] = Sensitivity(
                 self.mode, errors[path], psnr.get(path, {}))
         return PassResult(graph, False, {"mode": self.mode, "layers": len(paths), "inputs": len(inputs),
-                                         "options": [s.key for s in self.specs]})
+                                         "options": [s.key for s in self.specs],
+                                         "seconds": round(time.perf_counter() - start, 1)})
 
     @torch.no_grad()
-    def _local(self, graph, paths, inputs, scales) -> dict[str, dict[str, float]]:
-        num: dict[str, dict[str, float]] = {p: defaultdict(float) for p in paths}
-        den: dict[str, float] = defaultdict(float)
+    def _capture_rows(self, graph, paths, inputs) -> dict[str, torch.Tensor]:
+        """Run the calibration inputs once and keep `rows_per_layer` input rows of every layer."""
+        generator = torch.Generator().manual_seed(0)
+        per_input = max(1, self.rows_per_layer // len(inputs))
+        rows: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
 
-        def make_hook(path: str, advance):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                x = subsample(module, args[0], self.max_positions)
-                den[path] += float(_apply(module, x, module.weight).float().pow(2).sum())
-                for spec in self.specs:
-                    delta = _weight_delta(module.weight, spec, scales[path, spec.key])
-                    num[path][spec.key] += float(_apply(module, x, delta).float().pow(2).sum())
-                advance()
+        def make_hook(path: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                if isinstance(module, nn.Conv2d) and module.groups != 1:
+                    raise PassError("local sensitivity needs groups=1 convolutions; use mode='e2e'",
+                                    self.name, module_path=path)
+                rows[path].append(layer_rows(module, args[0], per_input, generator))
             return hook
 
-        with progress_bar("local sensitivity", len(paths) * len(inputs)) as advance:
-            handles = [graph.module.get_submodule(p).register_forward_hook(make_hook(p, advance)) for p in paths]
-            try:
+        handles = [graph.module.get_submodule(p).register_forward_pre_hook(make_hook(p)) for p in paths]
+        try:
+            with progress_bar("capturing calibration activations", len(inputs)) as advance:
                 for inp in inputs:
                     graph.module(*inp.args, **inp.kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-        return {p: {k: v / max(den[p], 1e-30) for k, v in num[p].items()} for p in paths}
+                    advance()
+        finally:
+            for h in handles:
+                h.remove()
+        return {p: torch.cat(r) for p, r in rows.items() if r}
+
+    @torch.no_grad()
+    def _local(self, graph, paths, rows, scales) -> dict[str, dict[str, float]]:
+        errors: dict[str, dict[str, float]] = {}
+        with progress_bar("local sensitivity", len(paths)) as advance:
+            for path in paths:
+                module = graph.module.get_submodule(path)
+                x = rows.get(path)
+                if x is None:
+                    raise PassError("layer never ran on the calibration inputs", self.name, module_path=path)
+                w2d = module.weight.detach().reshape(module.weight.shape[0], -1).float()
+                out = x @ w2d.T
+                if module.bias is not None:
+                    out += module.bias.float()
+                energy = float(out.pow(2).sum()) or 1e-30
+                errors[path] = {}
+                for spec in self.specs:
+                    delta = _weight_delta(w2d, spec, scales[path, spec.key])
+                    errors[path][spec.key] = float((x @ delta.T).pow(2).sum()) / energy
+                advance()
+        return errors
 
     @torch.no_grad()
     def _e2e(self, graph, paths, inputs, scales):
