@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/fxpress compress tiny-unet --recipe bitsfusion --target-bits 1.99 --out artifacts/tiny-unet --overwrite
+	$(BIN)/fxpress compress tiny-unet --recipe bitsfusion --target-bits 1.99 --sensitivity hybrid --out artifacts/tiny-unet --overwrite
 	$(BIN)/fxpress inspect artifacts/tiny-unet
 
 test: setup

@@ -29,9 +29,8 @@ def main() -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
     files = {p.name: p.stat().st_size for p in Path(args.out).iterdir()}
     load_cmd = [sys.executable, "-c", (
-        "import time, fxpress; t = time.perf_counter(); m = fxpress.load(%r); "
-        "print(f'load {time.perf_counter() - t:.1f} s (decode {m.fxpress_load_seconds[\"decode\"]:.1f} s)')"
-        % args.out)]
+        f"import time, fxpress; t = time.perf_counter(); m = fxpress.load({args.out!r}); "
+        "print(f'load {time.perf_counter() - t:.1f} s (decode {m.fxpress_load_seconds[\"decode\"]:.1f} s)')")]
     load_out = subprocess.run(load_cmd, check=True, capture_output=True, text=True).stdout.strip()
     print("\n| model | target bits | wall time | peak RSS | artifact | load |")
     print("|---|---|---|---|---|---|")

@@ -38,8 +38,8 @@ def main(rows: int = 1280, cols: int = 4096) -> None:
         codes = (quantize_rows(weight, fit_scales(weight, spec), spec) - spec.qmin).numpy().astype(np.int32)
         flat = codes.reshape(-1)
         n = flat.size
-        (words, counts), t_enc = _timed(lambda: entropy.encode(flat, spec.levels))
-        decoded, t_dec = _timed(lambda: entropy.decode(words, counts))
+        (words, counts), t_enc = _timed(lambda flat=flat, spec=spec: entropy.encode(flat, spec.levels))
+        decoded, t_dec = _timed(lambda words=words, counts=counts: entropy.decode(words, counts))
         assert np.array_equal(decoded, flat)
         radix = pack_radix(flat, spec.levels)
         zstd = zstandard.ZstdCompressor(level=19).compress(flat.astype(np.uint8).tobytes())

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,18 +52,19 @@ def _as_inputs(example_inputs: Any) -> Inputs:
 
 
 def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", *,
-             calibration: list[Any] | None = None, verify: bool = True, **overrides: Any) -> CompressResult:
+             calibration_inputs: list[Any] | None = None, verify: bool = True, **overrides: Any) -> CompressResult:
     """Capture `model`, run the recipe's passes on a copy and return a CompressResult.
 
-    `example_inputs` is a tuple of args, a dict of kwargs, or an object with `.args`/`.kwargs`.
+    `example_inputs` is a tuple of args, a dict of kwargs, or an object with `.args`/`.kwargs`;
+    `calibration_inputs` (same forms) default to the example at timesteps spread over the schedule.
     Overrides such as `target_bits=1.99` replace recipe fields. The recipe and its layer names are
     validated before any pass runs; `model` is never modified.
     """
     recipe = make_recipe(recipe, **overrides)
     example = _as_inputs(example_inputs)
     graph = capture(model, example.args, example.kwargs)
-    if calibration:
-        graph.calibration = [_as_inputs(c) for c in calibration]
+    if calibration_inputs:
+        graph.calibration = [_as_inputs(c) for c in calibration_inputs]
     else:
         t_name = timestep_input(graph.input_names)
         count = getattr(recipe, "calibration", 1)
@@ -109,7 +111,8 @@ def save(result: CompressResult | Graph, directory: str | Path, overwrite: bool 
     Raises ArtifactError if the directory exists (unless `overwrite`) or the model cannot be rebuilt.
     """
     graph = result.graph if isinstance(result, CompressResult) else result
-    payload, tensors = artifact_contents(graph)
+    codec = getattr(result.recipe, "codec", "rans") if isinstance(result, CompressResult) else "rans"
+    payload, tensors = artifact_contents(graph, codec)
     if isinstance(result, CompressResult):
         payload["recipe"] = {"name": result.recipe.name, **asdict(result.recipe)}
         payload["report"] = result.report.to_json()

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-bits", type=float, default=None, help="average log2(levels) per quantized weight")
     c.add_argument("--budget-mb", type=float, default=None, help="artifact byte budget instead of a bit target")
     c.add_argument("--eta", type=float, default=None, help="parameter-size factor of the allocator")
-    c.add_argument("--sensitivity", choices=("local", "e2e"), default=None)
+    c.add_argument("--sensitivity", choices=("local", "hybrid", "e2e"), default=None)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="artifact directory to write")
     c.add_argument("--overwrite", action="store_true")

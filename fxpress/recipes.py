@@ -24,7 +24,8 @@ RECIPE_VERSION = 1
 class BitsFusionRecipe:
     """BitsFusion post-training quantization: time-embedding cache, sensitivity, mixed-precision allocation.
 
-    Give `target_bits` (average log2(levels) over quantized weights) or `budget_bytes` (the whole artifact).
+    Give `target_bits` (average log2(levels) over quantized weights) or `budget_bytes` (the whole artifact,
+    costed at the stored size of `codec`: code entropy for 'rans', log2(levels) for fixed-rate 'radix').
     """
 
     name: ClassVar[str] = "bitsfusion"
@@ -39,6 +40,7 @@ class BitsFusionRecipe:
     scale_init: str = "als"
     cache_time_embedding: bool = True
     storage_dtype: str = "float16"
+    codec: str = "rans"
     version: int = RECIPE_VERSION
 
     def options(self) -> tuple[str, ...]:
@@ -68,8 +70,8 @@ class BitsFusionRecipe:
             raise RecipeError(f"budget_bytes must be positive, got {self.budget_bytes}")
         if not 0 <= self.eta <= 1:
             raise RecipeError(f"eta must be in [0, 1], got {self.eta}")
-        if self.sensitivity not in ("local", "e2e"):
-            raise RecipeError(f"sensitivity must be 'local' or 'e2e', got {self.sensitivity!r}")
+        if self.sensitivity not in ("local", "hybrid", "e2e"):
+            raise RecipeError(f"sensitivity must be 'local', 'hybrid' or 'e2e', got {self.sensitivity!r}")
         if self.calibration < 1:
             raise RecipeError(f"calibration must be at least 1, got {self.calibration}")
         return self
@@ -81,7 +83,7 @@ class BitsFusionRecipe:
             SelectLayers(list(self.keep)),
             MeasureSensitivity(self.sensitivity, self.options(), self.calibration, self.scale_init),
             AllocateBits(self.target_bits, self.budget_bytes, self.options(), self.eta, self.sensitivity,
-                         self.scale_init),
+                         self.scale_init, cost_model="entropy" if self.codec == "rans" else "log2"),
             QuantizeWeights(),
             RoundToStorage(self.storage_dtype),
         ]
@@ -98,6 +100,7 @@ class UniformRecipe:
     keep: tuple[str, ...] = ("first", "last", "time_embedding")
     cache_time_embedding: bool = False
     storage_dtype: str = "float16"
+    codec: str = "rans"
     version: int = RECIPE_VERSION
 
     def validate(self) -> UniformRecipe:
@@ -127,6 +130,8 @@ def _common_checks(recipe: Any) -> None:
         raise RecipeError(f"scale_init must be 'als' or 'minmax', got {recipe.scale_init!r}")
     if recipe.storage_dtype not in ("float16", "bfloat16", "float32"):
         raise RecipeError(f"storage_dtype must be float16, bfloat16 or float32, got {recipe.storage_dtype!r}")
+    if recipe.codec not in ("rans", "radix"):
+        raise RecipeError(f"codec must be 'rans' (entropy-coded) or 'radix' (fixed rate), got {recipe.codec!r}")
     if any(not isinstance(k, str) or not k for k in recipe.keep):
         raise RecipeError(f"keep entries must be non-empty strings, got {list(recipe.keep)}")
 

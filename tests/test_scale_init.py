@@ -54,3 +54,14 @@ def test_balanced_grid_beats_plain_at_same_width():
     for bits in (2, 3):
         b, p = QuantSpec(bits, "balanced"), QuantSpec(bits, "plain")
         assert _error(w, fit_scales(w, b), b).sum() < _error(w, fit_scales(w, p), p).sum()
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_level_counts_match_the_codes(key):
+    from fxpress.passes.quant.scale_init import level_counts
+
+    spec = QuantSpec.from_key(key)
+    w = torch.randn(8, 257, generator=torch.Generator().manual_seed(3))
+    scale = fit_scales(w, spec)
+    codes = quantize_rows(w, scale, spec).reshape(-1) - spec.qmin
+    assert torch.equal(level_counts(SortedRows.of(w), scale.float(), spec), torch.bincount(codes, minlength=spec.levels))

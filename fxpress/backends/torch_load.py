@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from fxpress.errors import ArtifactError
 from fxpress.ir.artifact import read_artifact
 from fxpress.kernels import entropy
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+from fxpress.kernels.packing import unpack_radix
 from fxpress.kernels.timestep_table import TimestepTable, install_feeder
 
 TRUSTED_LIBRARIES = ("diffusers.", "transformers.")
@@ -51,12 +53,16 @@ def build_skeleton(source: dict[str, Any]) -> nn.Module:
 
 def _lowbit(path: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
     prefix = f"lowbit::{path}::"
-    words = tensors[prefix + "codes"].numpy().view(np.uint32)
-    counts = tensors[prefix + "counts"].numpy()
+    data = tensors[prefix + "codes"].numpy()
     shape = entry["weight_shape"]
     try:
-        codes = entropy.decode(words, counts)
-    except (ValueError, RuntimeError, AssertionError) as exc:
+        if entry.get("codec") == "radix":
+            codes = unpack_radix(data, entry["levels"], int(np.prod(shape)))
+        elif entry.get("codec") == "rans":
+            codes = entropy.decode(data.view(np.uint32), tensors[prefix + "counts"].numpy())
+        else:
+            raise ValueError(f"unknown codec {entry.get('codec')!r}")
+    except (ValueError, RuntimeError, AssertionError, KeyError) as exc:
         raise ArtifactError(f"layer {path!r}: weight codes do not decode: {exc}") from exc
     if codes.size != int(np.prod(shape)) or (codes.size and int(codes.max()) >= entry["levels"]):
         raise ArtifactError(f"layer {path!r}: decoded codes do not fit shape {shape} and {entry['levels']} levels")

@@ -11,6 +11,7 @@ from torch import nn
 from fxpress.ir.graph import Graph
 from fxpress.kernels import entropy
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+from fxpress.kernels.packing import pack_radix
 from fxpress.kernels.timestep_table import TimestepTable
 
 STORAGE_DTYPE = torch.float16
@@ -26,24 +27,38 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def lowbit_entry(module: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Return (manifest entry, tensors) for one low-bit module; codes are rANS-coded."""
+CODECS = ("rans", "radix")
+
+
+def lowbit_entry(module: nn.Module, codec: str = "rans") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Return (manifest entry, tensors) for one low-bit module.
+
+    codec 'rans' entropy-codes the codes (their empirical entropy, at most ~log2(levels) bits each);
+    'radix' packs them at a fixed rate of about log2(levels) bits (see packing.radix_plan).
+    """
     codes = (module.codes().reshape(-1) + module.offset).numpy().astype(np.int32)
-    words, counts = entropy.encode(codes, module.levels)
+    counts = np.bincount(codes, minlength=module.levels).astype(np.int64)
+    if codec == "rans":
+        data, counts = entropy.encode(codes, module.levels)
+        data = data.view(np.uint8)
+    elif codec == "radix":
+        data = pack_radix(codes, module.levels)
+    else:
+        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
     entry: dict[str, Any] = {
         "kind": "linear" if isinstance(module, LowBitLinear) else "conv2d",
         "levels": module.levels, "qmin": -module.offset, "weight_shape": list(module.weight_shape),
-        "codec": "rans", "coded_bytes": int(words.nbytes),
-        "entropy_bits": entropy.entropy_bits(counts),
+        "codec": codec, "coded_bytes": int(data.nbytes), "entropy_bits": entropy.entropy_bits(counts),
     }
     if isinstance(module, LowBitConv2d):
         entry.update(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
-    tensors = {"codes": torch.from_numpy(words.view(np.uint8).copy()), "counts": torch.from_numpy(counts),
-               "scale": module.scale}
+    tensors = {"codes": torch.from_numpy(data.copy()), "scale": module.scale}
+    if codec == "rans":
+        tensors["counts"] = torch.from_numpy(counts)
     return entry, tensors
 
 
-def artifact_contents(graph: Graph) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def artifact_contents(graph: Graph, codec: str = "rans") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Return (payload, tensors) describing the compressed model of `graph` completely."""
     model = graph.module
     tensors: dict[str, torch.Tensor] = {}
@@ -51,7 +66,7 @@ def artifact_contents(graph: Graph) -> tuple[dict[str, Any], dict[str, torch.Ten
     lowbit_names: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, (LowBitLinear, LowBitConv2d)):
-            entry, parts = lowbit_entry(module)
+            entry, parts = lowbit_entry(module, codec)
             layers[path] = entry
             for key, value in parts.items():
                 tensors[f"lowbit::{path}::{key}"] = value

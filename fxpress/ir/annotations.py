@@ -64,10 +64,18 @@ class QuantSpec:
 class Sensitivity:
     """Error caused by quantizing this layer alone, per option key (e.g. 'b2')."""
 
-    mode: Literal["local", "e2e"]
+    mode: Literal["local", "hybrid", "e2e"]
     error: dict[str, float] = field(default_factory=dict)
     psnr: dict[str, float] = field(default_factory=dict)
     version: int = ANNOTATION_VERSION
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -77,12 +85,13 @@ class LayerAnnotation:
     quant: QuantSpec | None = None
     keep_reason: str | None = None
     sensitivity: dict[str, Sensitivity] = field(default_factory=dict)
+    code_entropy: dict[str, float] = field(default_factory=dict)
     weight_error: float | None = None
     version: int = ANNOTATION_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        return asdict(self)
+        """Return a JSON-ready dict (measurements rounded to 4 significant digits)."""
+        return _rounded(asdict(self))
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> LayerAnnotation:
@@ -92,4 +101,4 @@ class LayerAnnotation:
         quant = QuantSpec(**data["quant"]) if data.get("quant") else None
         sens = {k: Sensitivity(**v) for k, v in data.get("sensitivity", {}).items()}
         return LayerAnnotation(quant=quant, keep_reason=data.get("keep_reason"), sensitivity=sens,
-                               weight_error=data.get("weight_error"))
+                               code_entropy=data.get("code_entropy", {}), weight_error=data.get("weight_error"))

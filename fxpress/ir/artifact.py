@@ -51,7 +51,7 @@ def write_artifact(directory: str | Path, payload: dict[str, Any], tensors: dict
             "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
                             "sha256": tensor_sha256(v)} for k, v in tensors.items()},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         for path in tmp.iterdir():

@@ -2,6 +2,8 @@
 
 * local: the layer's own relative output error ||x (Wq - W)||^2 / ||x W + b||^2, on input rows
   (tokens, or im2col patches of convolutions) sampled once from the calibration forwards (fast).
+* hybrid: the local error curve of each layer, scaled so that it matches one end-to-end measurement
+  of that layer (at the middle option): local shape, end-to-end importance, one forward per layer.
 * e2e: the model's output MSE and PSNR with only that layer quantized, over calibration inputs
   spread across timesteps (one forward per layer, option and input: exact, slower).
 """
@@ -21,9 +23,10 @@ from fxpress.ir.annotations import QuantSpec, Sensitivity
 from fxpress.ir.graph import Graph, output_tensors
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.progress import progress_bar
-from fxpress.passes.quant.scale_init import SortedRows, fit_scales, quantize_rows
+from fxpress.passes.quant.scale_init import SortedRows, fit_scales, level_counts
 from fxpress.passes.quant.select_layers import selected_layers
 
+MODES = ("local", "hybrid", "e2e")
 DEFAULT_OPTIONS = ("b1", "b2", "p2", "b3", "p3", "b4", "p4", "p8")
 
 
@@ -33,6 +36,13 @@ def _weight_delta(weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) ->
     s = scale.float().unsqueeze(1)
     delta = torch.div(w2d, s).round_().clamp_(spec.qmin, spec.qmax).mul_(s).sub_(w2d)
     return delta.reshape(weight.shape)
+
+
+def code_entropy(rows: SortedRows, spec: QuantSpec, scale: torch.Tensor) -> float:
+    """Return the empirical entropy (bits per weight) of the layer's codes: what rANS storage costs."""
+    counts = level_counts(rows, scale.float(), spec).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
 
 
 def layer_rows(module: nn.Module, x: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -56,8 +66,8 @@ class MeasureSensitivity(Pass):
 
     def __init__(self, mode: str = "local", options: tuple[str, ...] = DEFAULT_OPTIONS,
                  calibration: int | None = None, scale_init: str = "als", rows_per_layer: int = 256):
-        if mode not in ("local", "e2e"):
-            raise ValueError(f"sensitivity mode must be 'local' or 'e2e', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"sensitivity mode must be one of {MODES}, got {mode!r}")
         self.mode, self.calibration, self.rows_per_layer = mode, calibration, rows_per_layer
         self.specs = [QuantSpec.from_key(k, scale_init=scale_init) for k in options]
 
@@ -68,8 +78,11 @@ class MeasureSensitivity(Pass):
                 w = graph.module.get_submodule(path).weight.detach()
                 w2d = w.reshape(w.shape[0], -1)
                 rows = SortedRows.of(w2d)
+                entropies = graph.annotation(path).code_entropy
                 for spec in self.specs:
-                    scales[path, spec.key] = fit_scales(w2d, spec, rows)
+                    scale = fit_scales(w2d, spec, rows)
+                    scales[path, spec.key] = scale
+                    entropies[spec.key] = code_entropy(rows, spec, scale)
                 advance()
         record_scales(graph, {(p, f"{k}:{self.specs[0].scale_init}"): v for (p, k), v in scales.items()})
         return scales
@@ -77,19 +90,29 @@ class MeasureSensitivity(Pass):
     def run(self, graph: Graph) -> PassResult:
         paths = selected_layers(graph)
         inputs = graph.calibration[: self.calibration] if self.calibration else graph.calibration
-        start = time.perf_counter()
-        rows = self._capture_rows(graph, paths, inputs) if self.mode == "local" else {}
+        clock = [time.perf_counter()]
+
+        def lap() -> float:
+            clock.append(time.perf_counter())
+            return round(clock[-1] - clock[-2], 1)
+
+        rows = self._capture_rows(graph, paths, inputs) if self.mode != "e2e" else {}
+        seconds = {"capture": lap()}
         scales = self._scales(graph, paths)
+        seconds["fit_scales"] = lap()
         if self.mode == "local":
             errors, psnr = self._local(graph, paths, rows, scales), {}
+        elif self.mode == "hybrid":
+            errors, psnr = self._hybrid(graph, paths, inputs, rows, scales)
         else:
             errors, psnr = self._e2e(graph, paths, inputs, scales)
+        seconds["measure"] = lap()
         for path in paths:
             graph.annotation(path).sensitivity[self.mode] = Sensitivity(
                 self.mode, errors[path], psnr.get(path, {}))
         return PassResult(graph, False, {"mode": self.mode, "layers": len(paths), "inputs": len(inputs),
                                          "options": [s.key for s in self.specs],
-                                         "seconds": round(time.perf_counter() - start, 1)})
+                                         "seconds": seconds})
 
     @torch.no_grad()
     def _capture_rows(self, graph, paths, inputs) -> dict[str, torch.Tensor]:
@@ -138,18 +161,30 @@ class MeasureSensitivity(Pass):
                 advance()
         return errors
 
+    def _hybrid(self, graph, paths, inputs, rows, scales):
+        """Local error curves, each scaled by one end-to-end probe of its layer (at the middle option)."""
+        local = self._local(graph, paths, rows, scales)
+        probe = sorted(self.specs, key=lambda s: s.cost_bits)[len(self.specs) // 2]
+        e2e, psnr = self._e2e(graph, paths, inputs, scales, [probe])
+        errors = {}
+        for path in paths:
+            gain = e2e[path][probe.key] / max(local[path][probe.key], 1e-30)
+            errors[path] = {k: v * gain for k, v in local[path].items()}
+        return errors, psnr
+
     @torch.no_grad()
-    def _e2e(self, graph, paths, inputs, scales):
+    def _e2e(self, graph, paths, inputs, scales, specs=None):
         refs = [output_tensors(graph.module(*i.args, **i.kwargs)) for i in inputs]
         peak = max(float(t.max() - t.min()) for ref in refs for t in ref)
         errors: dict[str, dict[str, float]] = {}
         psnr: dict[str, dict[str, float]] = {}
-        with progress_bar("e2e sensitivity", len(paths) * len(self.specs)) as advance:
+        specs = specs or self.specs
+        with progress_bar("e2e sensitivity", len(paths) * len(specs)) as advance:
             for path in paths:
                 module = graph.module.get_submodule(path)
                 original = module.weight.data
                 errors[path], psnr[path] = {}, {}
-                for spec in self.specs:
+                for spec in specs:
                     module.weight.data = original + _weight_delta(original, spec, scales[path, spec.key])
                     try:
                         sq, count = 0.0, 0

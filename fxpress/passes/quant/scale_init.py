@@ -16,10 +16,14 @@ import torch
 from fxpress.ir.annotations import QuantSpec
 
 
-def minmax_scales(weight2d: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def minmax_scales(weight2d: torch.Tensor, spec: QuantSpec, rows: SortedRows | None = None) -> torch.Tensor:
     """Return max|w| / half-range per row (float32); all-zero rows get scale 1."""
     half_range = (spec.qmax - spec.qmin) / 2
-    scale = weight2d.abs().amax(dim=1).float() / half_range
+    if rows is not None:  # sorted rows: the extremes are the first and last values
+        peak = torch.maximum(rows.values[:, 0].abs(), rows.values[:, -1].abs())
+    else:
+        peak = weight2d.abs().amax(dim=1).float()
+    scale = peak.float() / half_range
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -56,6 +60,15 @@ def _moments(rows: SortedRows, scale: torch.Tensor, spec: QuantSpec):
     wq = (part1 * levels).sum(dim=1)
     qq = (count * levels.square()).sum(dim=1)
     return wq, qq, rows.sum2[:, -1]
+
+
+def level_counts(rows: SortedRows, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Return how many weights (over all rows) take each code qmin..qmax for `scale` (int64)."""
+    bounds = (torch.arange(spec.qmin, spec.qmax, dtype=torch.float64) + 0.5).unsqueeze(0) * scale.double().unsqueeze(1)
+    cut = torch.searchsorted(rows.values, bounds.to(rows.values.dtype).contiguous())
+    n = rows.values.shape[1]
+    edges = torch.cat([torch.zeros_like(cut[:, :1]), cut, torch.full_like(cut[:, :1], n)], dim=1)
+    return (edges[:, 1:] - edges[:, :-1]).sum(dim=0)
 
 
 def l2_error(rows: SortedRows, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -120,12 +133,12 @@ def fit_scales(weight2d: torch.Tensor, spec: QuantSpec, rows: SortedRows | None 
     rounded to the stored dtype, so ALS is never worse than min-max on any row.
     """
     dtype = getattr(torch, spec.scale_dtype)
-    start = minmax_scales(weight2d, spec)
+    start = minmax_scales(weight2d, spec, rows)
     if spec.scale_init == "minmax":
         return start.to(dtype)
     rows = rows or SortedRows.of(weight2d)
     if spec.levels > 64:  # wide grids: min-max is within about 1% of the optimum; a few steps suffice
-        als = als_scales(rows, spec, start, max_iter=5).to(dtype)
+        als = als_scales(rows, spec, start, max_iter=3).to(dtype)
     else:
         als = als_scales(rows, spec, best_shrunk_start(rows, spec, start)).to(dtype)
     mm = start.to(dtype)

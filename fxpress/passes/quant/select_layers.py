@@ -61,7 +61,7 @@ class SelectLayers(Pass):
     def run(self, graph: Graph) -> PassResult:
         kept = resolve_keep(graph, self.keep)
         reasons: dict[str, str] = {}
-        for path, layer in graph.layers.items():
+        for path in graph.layers:
             ann = graph.annotation(path)
             if ann.keep_reason:
                 reasons[path] = ann.keep_reason
