@@ -64,4 +64,5 @@ def test_level_counts_match_the_codes(key):
     w = torch.randn(8, 257, generator=torch.Generator().manual_seed(3))
     scale = fit_scales(w, spec)
     codes = quantize_rows(w, scale, spec).reshape(-1) - spec.qmin
-    assert torch.equal(level_counts(SortedRows.of(w), scale.float(), spec), torch.bincount(codes, minlength=spec.levels))
+    counts = level_counts(SortedRows.of(w), scale.float(), spec)
+    assert torch.equal(counts, torch.bincount(codes, minlength=spec.levels))
