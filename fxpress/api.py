@@ -72,7 +72,8 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     keep_names = [k for k in recipe.keep if k not in ("first", "last", "time_embedding")]
     resolve_keep(graph, keep_names)  # raises RecipeError for an unknown layer name before any work
     new_graph, report = Pipeline(recipe.passes(), verify=verify).run(graph)
-    summary = {"recipe": recipe.name, "weights_only_bits": weights_only_bits(new_graph)}
+    summary = {"recipe": recipe.name, "weights_only_bits": weights_only_bits(new_graph),
+               "model_params": sum(p.numel() for p in model.parameters())}
     if verify:
         with torch.no_grad():
             summary["output_rel_error"] = relative_error(graph.run(), new_graph.run())
@@ -119,7 +120,8 @@ def save(result: CompressResult | Graph, directory: str | Path, overwrite: bool 
         payload["summary"] = result.summary
     extra = {"bits_per_layer.png": _bits_plot(result)} if plot and isinstance(result, CompressResult) else None
     path = write_artifact(directory, payload, tensors, extra, overwrite=overwrite)
-    total_params = sum(p.numel() for p in graph.module.parameters()) + sum(
+    total_params = result.summary.get("model_params") if isinstance(result, CompressResult) else None
+    total_params = total_params or sum(p.numel() for p in graph.module.parameters()) + sum(
         m.weight_shape[0] * m.cols for m in graph.module.modules() if hasattr(m, "packed"))
     size = artifact_bytes(path)
     return {"path": str(path), "bytes": size, "artifact_bits_per_param": size * 8 / max(total_params, 1),

@@ -21,17 +21,14 @@ def _compress(args: argparse.Namespace) -> int:
 
     from fxpress.api import compress, save
     from fxpress.frontends import zoo
+    from fxpress.recipes import make_recipe
 
     if Path(args.out).exists() and not args.overwrite:
         raise FxpressError(f"{args.out} already exists; pass --overwrite to replace it")
-    from fxpress.recipes import make_recipe
     overrides = {"target_bits": args.target_bits, "eta": args.eta, "sensitivity": args.sensitivity}
     if args.budget_mb is not None:
         overrides.update(budget_bytes=int(args.budget_mb * 1e6), target_bits=None)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items()
-                                         if k in ("target_bits", "budget_bytes", "eta", "sensitivity")
-                                         and (args.recipe != "uniform")})
+    recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
     entry = zoo.get(args.model)
     start = time.perf_counter()
     model = entry.build(seed=args.seed)

@@ -141,7 +141,9 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
 
     Raises RecipeError for an unknown name or field, or an invalid value.
     """
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = {k: v for k, v in overrides.items() if v is not None or k == "target_bits"}
+    if overrides.get("target_bits", 0) is None and "budget_bytes" not in overrides:
+        overrides.pop("target_bits")
     if isinstance(spec, (BitsFusionRecipe, UniformRecipe)):
         base, data = spec, {}
     else:

@@ -14,6 +14,7 @@ from torch import nn
 
 from fxpress.errors import ArtifactError
 from fxpress.ir.artifact import read_artifact
+from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels import entropy
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.kernels.packing import unpack_radix
@@ -91,13 +92,10 @@ def _set(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
     try:
-        parent = root.get_submodule(parent_path) if parent_path else root
-        parent.get_submodule(name)
+        replace_submodule(root, path, new)
     except AttributeError as exc:
         raise ArtifactError(f"layer {path!r} of the artifact does not exist in the rebuilt model") from exc
-    setattr(parent, name, new)
 
 
 def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:

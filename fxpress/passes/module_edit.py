@@ -1,17 +1,10 @@
-"""Small helpers to read and replace submodules by their dotted path."""
+"""Helpers for passes that edit modules: where the timestep input is; replacing submodules."""
 
 from __future__ import annotations
 
-from torch import nn
+from fxpress.ir.module_paths import replace_submodule
 
-
-def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put `new` at `path` inside `root` and return the module it replaced."""
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    old = parent.get_submodule(name)
-    setattr(parent, name, new)
-    return old
+__all__ = ["replace_submodule", "timestep_input"]
 
 
 def timestep_input(graph_input_names: list[str], preferred: str | None = None) -> str | None:
