@@ -22,6 +22,7 @@ from fxpress.passes.module_edit import timestep_input
 from fxpress.passes.pipeline import Pipeline, PipelineReport, relative_error
 from fxpress.passes.quant.allocate_bits import weights_only_bits
 from fxpress.passes.quant.select_layers import resolve_keep
+from fxpress.plots import bits_per_layer_png
 from fxpress.recipes import Recipe, make_recipe
 
 
@@ -80,36 +81,17 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     return CompressResult(new_graph, recipe, report, summary)
 
 
-def _bits_plot(result: CompressResult) -> bytes:
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    anns = result.graph.annotations()
-    paths = list(anns)
-    bits = [anns[p].quant.cost_bits if anns[p].quant else 16.0 for p in paths]
-    colors = ["tab:blue" if anns[p].quant else "tab:gray" for p in paths]
-    fig, ax = plt.subplots(figsize=(max(8, len(paths) * 0.06), 3.5))
-    ax.bar(range(len(paths)), bits, color=colors, width=1.0)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("layer (execution order); grey = kept at 16 bits")
-    ax.set_ylabel("bits per weight (log2 levels)")
-    ax.set_title(f"{result.summary.get('model', '')} {result.recipe.name}: "
-                 f"{result.summary.get('weights_only_bits', math.nan):.3f} bits on average")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+def title(result: CompressResult) -> str:
+    """Return a one-line description of a compression result for plots."""
+    bits = result.summary.get("weights_only_bits", math.nan)
+    return f"{result.summary.get('model', '')} {result.recipe.name}: {bits:.3f} bits on average"
 
 
 def save(result: CompressResult | Graph, directory: str | Path, overwrite: bool = False,
          plot: bool = True) -> dict[str, Any]:
     """Write the artifact for `result` to `directory` atomically; return its size summary.
 
-    Raises ArtifactError if the directory exists (unless `overwrite`) or the model cannot be rebuilt.
+    Raises ArtifactError if the directory exists (unless `overwrite`); nothing is left behind on failure.
     """
     graph = result.graph if isinstance(result, CompressResult) else result
     codec = getattr(result.recipe, "codec", "rans") if isinstance(result, CompressResult) else "rans"
@@ -118,7 +100,9 @@ def save(result: CompressResult | Graph, directory: str | Path, overwrite: bool 
         payload["recipe"] = {"name": result.recipe.name, **asdict(result.recipe)}
         payload["report"] = result.report.to_json()
         payload["summary"] = result.summary
-    extra = {"bits_per_layer.png": _bits_plot(result)} if plot and isinstance(result, CompressResult) else None
+    extra = None
+    if plot and isinstance(result, CompressResult):
+        extra = {"bits_per_layer.png": bits_per_layer_png(result.graph, title(result))}
     path = write_artifact(directory, payload, tensors, extra, overwrite=overwrite)
     total_params = result.summary.get("model_params") if isinstance(result, CompressResult) else None
     total_params = total_params or sum(p.numel() for p in graph.module.parameters()) + sum(
