@@ -39,6 +39,7 @@ class BitsFusionRecipe:
     calibration: int = 4
     scale_init: str = "als"
     cache_time_embedding: bool = True
+    time_cache_max_ratio: float | None = 2.0  # skip the cache if its table outweighs 2x the fp16 MLP
     storage_dtype: str = "float16"
     codec: str = "rans"
     version: int = RECIPE_VERSION
@@ -79,7 +80,7 @@ class BitsFusionRecipe:
     def passes(self) -> list[Pass]:
         """Return the pass list this recipe stands for."""
         return [
-            *([CacheTimeEmbedding()] if self.cache_time_embedding else []),
+            *([CacheTimeEmbedding(max_table_ratio=self.time_cache_max_ratio)] if self.cache_time_embedding else []),
             SelectLayers(list(self.keep)),
             MeasureSensitivity(self.sensitivity, self.options(), self.calibration, self.scale_init),
             AllocateBits(self.target_bits, self.budget_bytes, self.options(), self.eta, self.sensitivity,

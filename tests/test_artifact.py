@@ -123,3 +123,18 @@ def test_plain_module_round_trip(tmp_path):
     fresh = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
     loaded = fxpress.load(tmp_path / "seq", model=fresh)
     assert torch.equal(loaded(x), result.model(x))
+
+
+def test_time_cached_artifact_round_trip(tiny_unet, tmp_path):
+    from fxpress.kernels.timestep_table import TimestepTable
+
+    model, example = tiny_unet
+    result = fxpress.compress(model, example, "uniform", bits=4, cache_time_embedding=True)
+    assert isinstance(result.model.time_embedding, TimestepTable)
+    fxpress.save(result, tmp_path / "cached")
+    loaded = fxpress.load(tmp_path / "cached")
+    assert isinstance(loaded.time_embedding, TimestepTable)
+    with torch.no_grad():
+        for t in (0, 333, 999):
+            kwargs = {**example.kwargs, "timestep": torch.tensor([t, t])}
+            assert torch.equal(output_tensors(loaded(**kwargs))[0], output_tensors(result.model(**kwargs))[0])

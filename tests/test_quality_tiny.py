@@ -42,4 +42,5 @@ def test_compressed_default_report(tiny_compressed):
     names = [p.name for p in tiny_compressed.report.passes]
     assert names == ["CacheTimeEmbedding", "SelectLayers", "MeasureSensitivity", "AllocateBits",
                      "QuantizeWeights", "RoundToStorage"]
-    assert tiny_compressed.report.passes[0].rel_error == 0.0
+    cache = tiny_compressed.report.passes[0]  # tiny: a 1000-row table would outweigh the MLP 6x
+    assert not cache.modified and "time_embedding" in cache.details["skipped"]

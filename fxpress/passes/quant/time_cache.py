@@ -39,15 +39,18 @@ class CacheTimeEmbedding(Pass):
 
     The time embedding is found structurally: the outermost module holding a layer whose computation
     depends only on the timestep input and whose result feeds several consumers. The cached model's
-    outputs must equal the original's bit for bit, or the pass fails.
+    outputs must equal the original's bit for bit, or the pass fails. With `max_table_ratio`, a module
+    whose table would exceed that multiple of its weights' fp16 bytes is left alone (and reported).
     """
 
     provides = ("time_cache",)
     transforms = True
 
-    def __init__(self, timesteps: list[int] | None = None, timestep_name: str | None = None):
+    def __init__(self, timesteps: list[int] | None = None, timestep_name: str | None = None,
+                 max_table_ratio: float | None = None):
         self.timesteps = list(range(1000)) if timesteps is None else sorted(set(timesteps))
         self.timestep_name = timestep_name
+        self.max_table_ratio = max_table_ratio
 
     def run(self, graph: Graph) -> PassResult:
         t_name = timestep_input(graph.input_names, self.timestep_name)
@@ -64,6 +67,7 @@ class CacheTimeEmbedding(Pass):
         reference = graph.run()
         params = dict(graph.module.named_parameters()) | dict(graph.module.named_buffers())
         cached: dict[str, dict] = {}
+        skipped: dict[str, str] = {}
         for path in paths:
             outs = module_outputs(gm.graph, path)
             sub, names = _timestep_subgraph(gm, t_name, outs[:1])
@@ -75,9 +79,16 @@ class CacheTimeEmbedding(Pass):
                             else params[graph.param_names.get(n, n)] for n in names]
                     rows.append(sub(*feed)[0][:1].clone())
             table = torch.cat(rows)
+            weight_bytes = 2 * sum(p.numel() for p in graph.module.get_submodule(path).parameters())
+            table_bytes = table.numel() * table.element_size()
+            if self.max_table_ratio is not None and table_bytes > self.max_table_ratio * weight_bytes:
+                skipped[path] = f"table {table_bytes:,} B > {self.max_table_ratio} x fp16 weights {weight_bytes:,} B"
+                continue
             old = replace_submodule(graph.module, path, TimestepTable(grid, table))
-            cached[path] = {"table_shape": list(table.shape), "table_bytes": table.numel() * table.element_size(),
+            cached[path] = {"table_shape": list(table.shape), "table_bytes": table_bytes,
                             "params_removed": sum(p.numel() for p in old.parameters())}
+        if not cached:
+            return PassResult(graph, False, {"skipped": skipped})
         install_feeder(graph.module, t_name)
         for path in graph.layers:
             if any(path.startswith(c + ".") for c in cached):
@@ -86,5 +97,5 @@ class CacheTimeEmbedding(Pass):
         if not all(torch.equal(a, b) for a, b in zip(output_tensors(reference), output_tensors(after))):
             raise PassError("cached time embedding is not bit-exact", self.name, module_path=", ".join(cached))
         graph.extras["time_cache"] = {"timestep_input": t_name, "modules": sorted(cached)}
-        return PassResult(graph, True, {"cached": cached, "grid": [self.timesteps[0], self.timesteps[-1],
-                                                                   len(self.timesteps)]})
+        grid = [self.timesteps[0], self.timesteps[-1], len(self.timesteps)]
+        return PassResult(graph, True, {"cached": cached, "skipped": skipped, "grid": grid})
