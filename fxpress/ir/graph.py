@@ -48,8 +48,11 @@ class Graph:
 
     def nodes_of(self, path: str) -> list[fx.Node]:
         """Return the graph nodes that call layer `path`."""
-        names = set(self.layers[path].nodes)
-        return [n for n in self.graph_module.graph.nodes if n.name in names]
+        by_name = self.__dict__.get("_by_name")
+        if by_name is None or by_name[0] is not self.graph_module.graph:
+            by_name = (self.graph_module.graph, {n.name: n for n in self.graph_module.graph.nodes})
+            self._by_name = by_name
+        return [by_name[1][name] for name in self.layers[path].nodes]
 
     def annotation(self, path: str) -> LayerAnnotation:
         """Return (creating if needed) the annotation of layer `path`, kept in node.meta."""
@@ -69,7 +72,7 @@ class Graph:
         """Return an independent copy: module, FX graph and annotations are all duplicated."""
         anns = {p: copy.deepcopy(a) for p, a in self.annotations().items()}
         new = Graph.__new__(Graph)
-        new.__dict__.update(self.__dict__)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_by_name"})
         new.module = copy.deepcopy(self.module)
         new.graph_module = copy.deepcopy(self.graph_module)
         new.layers = copy.deepcopy(self.layers)
