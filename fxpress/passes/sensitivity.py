@@ -23,6 +23,7 @@ from fxpress.ir.annotations import QuantSpec, Sensitivity
 from fxpress.ir.graph import Graph, output_tensors
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.progress import progress_bar
+from fxpress.passes.quant.scale_cache import remember_scale
 from fxpress.passes.quant.scale_init import SortedRows, fit_scales, level_counts
 from fxpress.passes.quant.select_layers import selected_layers
 
@@ -82,9 +83,9 @@ class MeasureSensitivity(Pass):
                 for spec in self.specs:
                     scale = fit_scales(w2d, spec, rows)
                     scales[path, spec.key] = scale
+                    remember_scale(graph, path, spec, scale)
                     entropies[spec.key] = code_entropy(rows, spec, scale)
                 advance()
-        record_scales(graph, {(p, f"{k}:{self.specs[0].scale_init}"): v for (p, k), v in scales.items()})
         return scales
 
     def run(self, graph: Graph) -> PassResult:
@@ -199,14 +200,6 @@ class MeasureSensitivity(Pass):
                     psnr[path][spec.key] = 10 * math.log10(peak**2 / mse) if mse > 0 else math.inf
                     advance()
         return errors, psnr
-
-
-def record_scales(graph: Graph, scales: dict[tuple[str, str], torch.Tensor]) -> None:
-    """Remember fitted scales, keyed (path, 'key:scale_init'), tagged with the weight they were fitted on."""
-    store = graph.extras.setdefault("fitted_scales", {})
-    for (path, key), scale in scales.items():
-        weight = graph.module.get_submodule(path).weight
-        store[path, key] = (weight.data_ptr(), weight._version, scale)
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:

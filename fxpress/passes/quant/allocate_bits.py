@@ -113,8 +113,7 @@ class AllocateBits(Pass):
         entropies = [graph.annotation(p).code_entropy for p in paths]
         stored = (self.budget_bytes is not None and self.cost_model == "entropy"
                   and all(all(k in e for k in keys) for e in entropies))
-        # A byte budget buys stored bytes: rANS stores each code at its empirical entropy.
-        if stored:  # code entropy, plus the symbol-count table each rANS stream carries
+        if stored:  # rANS stores codes at their entropy, plus the symbol-count table of each stream
             table = np.array([s.levels * 64 for s in specs])[None, :] / params[:, None]
             budget_costs = np.array([[e[k] * 1.001 for k in keys] for e in entropies]) + table
         elif self.budget_bytes is not None:  # fixed-rate radix words: slightly above log2(levels)

@@ -11,6 +11,7 @@ from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear, conv_geome
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
 from fxpress.passes.progress import progress_bar
+from fxpress.passes.quant.scale_cache import forget_scales, recall_scale
 from fxpress.passes.quant.scale_init import fit_scales, quantize_rows
 
 
@@ -42,11 +43,8 @@ class QuantizeWeights(Pass):
                     raise PassError(f"layer is a {type(module).__name__}, not Linear/Conv2d", self.name,
                                     node=graph.layers[path].nodes[0], module_path=path)
                 w2d = module.weight.detach().reshape(module.weight.shape[0], -1).float()
-                fitted = graph.extras.get("fitted_scales", {}).get((path, f"{spec.key}:{spec.scale_init}"))
-                weight = module.weight
-                if fitted and fitted[:2] == (weight.data_ptr(), weight._version):
-                    scale = fitted[2]
-                else:
+                scale = recall_scale(graph, path, spec)
+                if scale is None:
                     scale = fit_scales(w2d, spec)
                 codes = quantize_rows(w2d, scale, spec)
                 deq = codes.float() * scale.float().unsqueeze(1)
@@ -55,7 +53,7 @@ class QuantizeWeights(Pass):
                 errors[path] = err
                 replace_submodule(graph.module, path, lowbit_module(module, codes, scale, spec.qmin, spec.levels))
                 advance()
-        graph.extras.pop("fitted_scales", None)
+        forget_scales(graph)
         worst = max(errors, key=errors.get) if errors else None
         return PassResult(graph, bool(todo), {"quantized": len(todo),
                                               "worst_weight_error": [worst, errors.get(worst)]})
