@@ -36,3 +36,11 @@ class AllocationError(FxpressError):
 
 class ArtifactError(FxpressError):
     """An artifact directory is missing, corrupt, truncated, tampered with or unsupported."""
+
+
+class LoweringError(FxpressError):
+    """A backend cannot lower this model to the requested device (no device, no runtime, nothing to lower)."""
+
+
+class LoweringWarning(UserWarning):
+    """A layer keeps the torch reference path after lowering; the message names the layer and why."""

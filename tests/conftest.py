@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("FXPRESS_QUIET", "1")
+# Triton kernels run in the CPU interpreter unless a run sets TRITON_INTERPRET=0 on a GPU machine;
+# it must be set before any kernel module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FXPRESS_TUNE", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 from fxpress.ir.annotations import QuantSpec
 from fxpress.kernels import entropy
 from fxpress.kernels.packing import (
-    aligned_width,
-    pack_aligned,
+    field_width,
     pack_radix,
+    pack_words,
+    packed_rows,
     radix_plan,
-    unpack_aligned,
     unpack_radix,
+    unpack_words,
+    width_parts,
 )
 
 ALL_KEYS = [f"b{b}" for b in range(1, 9)] + [f"p{b}" for b in range(1, 9)]
@@ -36,10 +38,23 @@ def test_radix_round_trip(levels, data):
 
 @settings(max_examples=40, deadline=None)
 @given(levels=st.sampled_from(LEVELS), rows=st.integers(1, 5), cols=st.integers(1, 40), seed=st.integers(0, 99))
-def test_aligned_round_trip(levels, rows, cols, seed):
+def test_word_round_trip(levels, rows, cols, seed):
     codes = torch.randint(0, levels, (rows, cols), generator=torch.Generator().manual_seed(seed))
-    width = aligned_width(levels)
-    assert torch.equal(unpack_aligned(pack_aligned(codes, width), width, cols), codes.to(torch.int32))
+    width = field_width(levels)
+    words = pack_words(codes, width)
+    assert words.dtype == torch.int32 and words.shape == (packed_rows(width, cols), rows)
+    assert torch.equal(unpack_words(words, width, cols), codes.to(torch.int32))
+
+
+def test_word_layout_bits():
+    """Field f of word j holds column j*fpw + f at bit f*bits; wider codes split into power-of-two slices."""
+    codes = torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] * 2 + [1]])
+    assert pack_words(codes, 1).tolist() == [[0b1101 | 0b1101 << 16], [1]]
+    assert pack_words(torch.tensor([[0] * 31 + [1]]), 1).item() == -(2**31)  # the top field sets the sign bit
+    three_bit = pack_words(torch.tensor([[5, 2, 7]]), 3)  # low 2 bits in a 2-bit slice, bit 2 in a 1-bit slice
+    assert three_bit.tolist() == [[1 | 2 << 2 | 3 << 4], [1 | 0 << 1 | 1 << 2]]
+    assert field_width(3) == 2 and field_width(5) == 3 and field_width(17) == 5
+    assert width_parts(7) == [4, 2, 1] and packed_rows(3, 100) == 7 + 4 and packed_rows(8, 10) == 3
 
 
 @settings(max_examples=30, deadline=None)

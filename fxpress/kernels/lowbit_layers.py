@@ -6,20 +6,24 @@ import torch
 from torch import nn
 
 from fxpress.kernels import ops
-from fxpress.kernels.packing import aligned_width, pack_aligned
+from fxpress.kernels.packing import field_width, pack_words
 
 
 class _LowBitBase(nn.Module):
-    """Shared state: packed codes, per-channel scales, optional bias, and the grid they came from."""
+    """Shared state: packed codes, scales, optional bias, and the grid they came from.
+
+    `scale` is per output channel (N,) or group-wise (N, G). `fallback`, when set by a backend, is
+    the reason this layer runs the torch reference instead of the device's kernel.
+    """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  qmin: int, levels: int, weight_shape: tuple[int, ...]):
         super().__init__()
         self.levels, self.offset = int(levels), int(-qmin)
-        self.width = aligned_width(self.levels)
+        self.width = field_width(self.levels)
         self.weight_shape = tuple(int(s) for s in weight_shape)
-        self.register_buffer("packed", pack_aligned((codes + self.offset).reshape(codes.shape[0], -1),
-                                                    self.width))
+        self.fallback: str | None = None
+        self.register_buffer("packed", pack_words((codes + self.offset).reshape(codes.shape[0], -1), self.width))
         self.register_buffer("scale", scale.clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -29,7 +33,7 @@ class _LowBitBase(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Return the signed integer codes, shaped like the weight."""
-        return ops.unpack_aligned(self.packed, self.width, self.cols).reshape(self.weight_shape) - self.offset
+        return ops.unpack_words(self.packed, self.width, self.cols).reshape(self.weight_shape) - self.offset
 
     @property
     def weight(self) -> torch.Tensor:
@@ -47,8 +51,8 @@ class LowBitLinear(_LowBitBase):
         self.out_features, self.in_features = self.weight_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.fxpress.lowbit_linear(x, self.packed, self.scale, self.bias, self.width,
-                                               self.offset, self.in_features)
+        op = ops.linear_reference if self.fallback else torch.ops.fxpress.lowbit_linear
+        return op(x, self.packed, self.scale, self.bias, self.width, self.offset, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, levels={self.levels}"
@@ -67,9 +71,9 @@ class LowBitConv2d(_LowBitBase):
         self.kernel_size = tuple(self.weight_shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.fxpress.lowbit_conv2d(x, self.packed, self.scale, self.bias, self.width, self.offset,
-                                               list(self.weight_shape), self.stride, self.padding,
-                                               self.dilation, self.groups)
+        op = ops.conv2d_reference if self.fallback else torch.ops.fxpress.lowbit_conv2d
+        return op(x, self.packed, self.scale, self.bias, self.width, self.offset, list(self.weight_shape),
+                  self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, levels={self.levels}"

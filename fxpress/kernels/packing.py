@@ -2,7 +2,8 @@
 
 * radix: `digits` base-L codes per `word_bits`-bit word, within 1% of log2(L) bits per code where a
   word of at most 64 bits allows it (fixed rate, random access by word).
-* aligned: row-aligned 1/2/4/8/16 bits per code, the layout kernels read at run time.
+* words: ceil(log2(L))-bit codes cut into power-of-two bit slices, each packed K-major in int32
+  words: the layout kernels read at run time.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import math
 
 import numpy as np
 import torch
-
-ALIGNED_WIDTHS = (1, 2, 4, 8, 16)
 
 
 def radix_plan(levels: int, max_word_bits: int = 64) -> tuple[int, int]:
@@ -64,34 +63,65 @@ def unpack_radix(stream: np.ndarray, levels: int, count: int) -> np.ndarray:
     return out.reshape(-1)[:count].astype(np.int64)
 
 
-def aligned_width(levels: int) -> int:
-    """Return the smallest of 1/2/4/8/16 bits per code that holds `levels` values."""
-    for width in ALIGNED_WIDTHS:
-        if levels <= 2**width:
-            return width
-    raise ValueError(f"{levels} levels do not fit 16 bits")
+def field_width(levels: int) -> int:
+    """Return the bits per code the run-time layout uses for `levels` values: ceil(log2(levels)), 1..16."""
+    if not 2 <= levels <= 2**16:
+        raise ValueError(f"{levels} levels do not fit 1..16-bit fields")
+    return max(1, math.ceil(math.log2(levels) - 1e-12))
 
 
-def pack_aligned(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack unsigned codes of shape (rows, cols) into rows of `width`-bit fields (uint8, or int16)."""
-    if width == 16:
-        return codes.to(torch.int16)
-    if width == 8:
-        return codes.to(torch.uint8)
-    per_byte = 8 // width
-    rows, cols = codes.shape
-    pad = (-cols) % per_byte
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, pad)).reshape(rows, -1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.uint8) * width
-    return (c << shifts).sum(dim=-1, dtype=torch.uint8)
+def width_parts(width: int) -> list[int]:
+    """Split a code width into power-of-two bit slices, widest first: 7 -> [4, 2, 1], 5 -> [4, 1]."""
+    if not 1 <= width <= 16:
+        raise ValueError(f"code width must be 1..16 bits, got {width}")
+    return [bits for bits in (16, 8, 4, 2, 1) if width & bits]
 
 
-def unpack_aligned(packed: torch.Tensor, width: int, cols: int) -> torch.Tensor:
-    """Inverse of pack_aligned: return codes of shape (rows, cols) as int32."""
-    if width >= 8:
-        return packed.to(torch.int32)[:, :cols]
-    per_byte = 8 // width
-    shifts = torch.arange(per_byte, dtype=torch.uint8) * width
-    mask = (1 << width) - 1
-    fields = (packed.unsqueeze(-1) >> shifts) & mask
-    return fields.reshape(packed.shape[0], -1)[:, :cols].to(torch.int32)
+def fields_per_word(bits: int) -> int:
+    """Return how many `bits`-bit fields one 32-bit word holds."""
+    return 32 // bits
+
+
+def packed_rows(width: int, cols: int) -> int:
+    """Return the number of word rows pack_words produces for `cols` codes per output."""
+    return sum(-(-cols // fields_per_word(bits)) for bits in width_parts(width))
+
+
+def _pack_slice(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    fpw = fields_per_word(bits)
+    rows, cols = fields.shape
+    padded = torch.nn.functional.pad(fields.t(), (0, 0, 0, (-cols) % fpw)).reshape(-1, fpw, rows)
+    shifts = (torch.arange(fpw, dtype=torch.int64, device=fields.device) * bits).view(1, fpw, 1)
+    words = (padded << shifts).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_words(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack unsigned `width`-bit codes of shape (rows, cols) into int32 words of shape (packed_rows, rows).
+
+    The code is cut into power-of-two bit slices (width_parts), lowest bits in the widest slice;
+    each slice is stored K-major, 32 // bits fields per word, field f of word j holding input
+    j * fpw + f, and the slices follow each other along dim 0. Every width costs exactly `width`
+    bits per weight (plus padding to a word), and a kernel expands any slice with shifts alone.
+    """
+    codes = codes.to(torch.int64)
+    slices, shift = [], 0
+    for bits in width_parts(width):
+        slices.append(_pack_slice((codes >> shift) & ((1 << bits) - 1), bits))
+        shift += bits
+    return torch.cat(slices).contiguous()
+
+
+def unpack_words(words: torch.Tensor, width: int, cols: int) -> torch.Tensor:
+    """Inverse of pack_words: return codes of shape (rows, cols) as int32."""
+    codes = torch.zeros((words.shape[1], cols), dtype=torch.int64, device=words.device)
+    row, shift = 0, 0
+    for bits in width_parts(width):
+        fpw = fields_per_word(bits)
+        n = -(-cols // fpw)
+        part = words[row:row + n].to(torch.int64) & 0xFFFFFFFF
+        shifts = (torch.arange(fpw, dtype=torch.int64, device=words.device) * bits).view(1, fpw, 1)
+        fields = (part.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        codes |= fields.reshape(-1, words.shape[1])[:cols].t() << shift
+        row, shift = row + n, shift + bits
+    return codes.to(torch.int32)

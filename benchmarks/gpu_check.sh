@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call for the Triton backend: GPU correctness tests, then the benchmark tables.
+# Results land in $OUT (the device tool brings them back). The GPU image lacks diffusers and
+# constriction: carry their wheels in .whl/ (see the device README) and they are installed first.
+# Stage time limits: TEST_S, UNET_S, LINEAR_S, CONV_S, KTEST_S seconds.
+set -u
+OUT=${OUT:-/tmp/fxpress-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FXPRESS_QUIET=1 FXPRESS_CACHE_DIR="$OUT" TRITON_INTERPRET=0
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/machine.txt"
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'diffusers', diffusers.__version__)" | tee -a "$OUT/machine.txt"
+stage "lowering tests on the GPU (tiny-unet artifact vs torch backend)"
+FXPRESS_TUNE=0 timeout "${TEST_S:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_backend.py \
+    2>&1 | tail -15 | tee "$OUT/pytest_backend.txt"
+stage "SD-1.5 UNet forward"
+timeout "${UNET_S:-240}" python3 benchmarks/kernels.py --sections unet --out "$OUT/kernels.md" 2>&1 | tail -30
+stage "linear kernels"
+timeout "${LINEAR_S:-200}" python3 benchmarks/kernels.py --sections linear --out "$OUT/kernels.md" 2>&1 | tail -40
+stage "conv kernels"
+timeout "${CONV_S:-100}" python3 benchmarks/kernels.py --sections conv --out "$OUT/kernels.md" 2>&1 | tail -20
+stage "kernel tests compiled for the GPU"
+FXPRESS_TUNE=0 timeout "${KTEST_S:-120}" python3 -m pytest -q -x -n 8 -p no:cacheprovider \
+    tests/test_triton_kernels.py 2>&1 | tail -15 | tee "$OUT/pytest_kernels.txt"
+stage "done"

@@ -1,0 +1,124 @@
+"""Lower a compressed model onto the Triton low-bit kernels with one call: `lower(artifact_or_graph)`.
+
+The model keeps its `fxpress::lowbit_linear` / `fxpress::lowbit_conv2d` ops; lowering moves it to the
+device and swaps those ops' implementation on that device type for the Triton dispatcher (fused
+kernel or dequantize + cuBLAS/cuDNN, tuned per shape). On the CPU this needs TRITON_INTERPRET=1
+(set before fxpress is imported), which is how the tests check the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxpress.backends.torch_load import load
+from fxpress.errors import LoweringError, LoweringWarning
+from fxpress.ir.graph import Graph
+from fxpress.kernels import ops
+from fxpress.kernels.kernel_config import interpreting
+from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+
+MAX_WIDTH = 16
+
+
+def _kernels():
+    try:
+        from fxpress.kernels import triton_dispatch, triton_matmul
+    except ImportError as exc:
+        raise LoweringError(f"the Triton backend needs the `triton` package, which does not import here: {exc}") \
+            from exc
+    return triton_dispatch, triton_matmul
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoweringError("lowering to 'cuda' needs a CUDA GPU, and torch sees none here; on the CPU, "
+                                "set TRITON_INTERPRET=1 before importing fxpress and lower to 'cpu'")
+        return
+    if device.type != "cpu":
+        raise LoweringError(f"the Triton backend runs on 'cuda' (or 'cpu' under TRITON_INTERPRET=1), "
+                            f"not {device.type!r}")
+    if not interpreting():
+        raise LoweringError("Triton kernels run on the CPU only in the interpreter: set TRITON_INTERPRET=1 "
+                            "before importing fxpress, or lower to 'cuda'")
+    _, triton_matmul = _kernels()
+    if type(triton_matmul._lowbit_matmul_kernel).__name__ != "InterpretedFunction":
+        raise LoweringError("fxpress's Triton kernels were imported before TRITON_INTERPRET=1 was set; "
+                            "set it before importing fxpress")
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Return why a low-bit layer cannot run the Triton kernels, or None when it can."""
+    packed, scale = module.packed, module.scale
+    rows = module.weight_shape[0]
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != rows:
+        return f"packed codes are {tuple(packed.shape)} {packed.dtype}, not the int32 (words, {rows}) layout"
+    if not 1 <= module.width <= MAX_WIDTH:
+        return f"{module.width}-bit fields are outside 1..{MAX_WIDTH}"
+    if not scale.is_floating_point() or scale.dim() not in (1, 2) or scale.shape[0] != rows:
+        return f"scale of shape {tuple(scale.shape)} is neither per-channel ({rows},) nor group-wise ({rows}, G)"
+    if scale.dim() == 2 and not 1 <= scale.shape[1] <= module.cols:
+        return f"{scale.shape[1]} scale groups for {module.cols} inputs"
+    if isinstance(module, LowBitConv2d) and len(module.weight_shape) != 4:
+        return f"conv weight shape {module.weight_shape} is not 4-D"
+    return None
+
+
+def _as_module(target: Any, model: Any) -> nn.Module:
+    if isinstance(target, (str, Path)):
+        return load(target, model=model)
+    if isinstance(target, Graph):
+        return target.module
+    if isinstance(getattr(target, "graph", None), Graph):  # a CompressResult
+        return target.graph.module
+    if isinstance(target, nn.Module):
+        return target
+    raise LoweringError(f"lower() takes an artifact directory, a Graph, a CompressResult or an nn.Module, "
+                        f"not {type(target).__name__}")
+
+
+def lower(target: Any, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
+          model: Any = None) -> nn.Module:
+    """Return the compressed model on `device`, its low-bit layers running the Triton kernels.
+
+    `target` is an artifact directory (loaded first; `model=` as in fxpress.load), a Graph, a
+    CompressResult or a module; modules are lowered in place, like `.to()`. `dtype` casts the
+    floating-point weights and so the activations (e.g. torch.float16). Layers the kernels do not
+    cover keep the torch reference, each with a LoweringWarning that names it.
+    """
+    dev = torch.device(device)
+    _check_device(dev)
+    module = _as_module(target, model)
+    layers = [(p, m) for p, m in module.named_modules() if isinstance(m, (LowBitLinear, LowBitConv2d))]
+    if not layers:
+        raise LoweringError(f"{type(module).__name__} holds no low-bit layers to lower; compress it first")
+    reasons = {path: unsupported_reason(m) for path, m in layers}
+    module.to(device=dev, dtype=dtype)
+    install(dev)
+    for path, layer in layers:
+        layer.fallback = reasons[path]
+        if reasons[path]:
+            warnings.warn(f"layer {path!r} keeps the torch reference path: {reasons[path]}", LoweringWarning,
+                          stacklevel=2)
+    return module
+
+
+def install(device: str | torch.device = "cuda") -> None:
+    """Make the low-bit ops on `device`'s type run the Triton dispatcher (what lower() does for a model)."""
+    dev = torch.device(device)
+    _check_device(dev)
+    triton_dispatch, _ = _kernels()
+    ops.set_implementation("linear", dev.type, triton_dispatch.linear)
+    ops.set_implementation("conv2d", dev.type, triton_dispatch.conv2d)
+
+
+def restore_reference(device: str | torch.device = "cpu") -> None:
+    """Make the low-bit ops on `device`'s type run the torch reference again (undoes lower's swap)."""
+    device_type = torch.device(device).type
+    ops.set_implementation("linear", device_type, None)
+    ops.set_implementation("conv2d", device_type, None)

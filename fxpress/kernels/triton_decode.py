@@ -1,0 +1,121 @@
+"""Triton device functions that turn packed weight words into weights, shared by every low-bit kernel.
+
+The layout is packing.pack_words: a `WIDTH`-bit code is cut into power-of-two bit slices (7 bits:
+4 + 2 + 1), each slice stored K-major as int32 words of 32 // bits fields, field f of word j holding
+input k = j * fpw + f, the slices one after another along the word rows. A tile loads each word
+once and expands it in registers with shifts; only tiles narrower than a word's fields (BLOCK_K <
+fpw) gather a word per input row instead.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
+               BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Return one bit slice's fields for inputs offs_k x outputs offs_n, int32; the slice starts at word row0."""
+    FPW: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    n_ok = offs_n < N
+    base = w_ptr + row0 * stride_wk
+    if BLOCK_K % FPW == 0:
+        rows = k0 // FPW + tl.arange(0, BLOCK_K // FPW)
+        words = tl.load(base + rows[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=(rows[:, None] < tl.cdiv(K, FPW)) & n_ok[None, :], other=0)
+        shifts = tl.arange(0, FPW) * BITS
+        fields = (words[:, None, :] >> shifts[None, :, None]) & MASK
+        return tl.reshape(fields, (BLOCK_K, BLOCK_N))
+    words = tl.load(base + (offs_k // FPW)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=(offs_k[:, None] < K) & n_ok[None, :], other=0)
+    return (words >> ((offs_k % FPW) * BITS)[:, None]) & MASK
+
+
+@triton.jit
+def load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
+               WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Return the unsigned codes of inputs offs_k (= k0 + arange(BLOCK_K)) x outputs offs_n, int32."""
+    codes = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+    row0 = 0
+    SHIFT8: tl.constexpr = WIDTH & 16
+    SHIFT4: tl.constexpr = SHIFT8 + (WIDTH & 8)
+    SHIFT2: tl.constexpr = SHIFT4 + (WIDTH & 4)
+    SHIFT1: tl.constexpr = SHIFT2 + (WIDTH & 2)
+    if WIDTH & 16:
+        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 16, BLOCK_K, BLOCK_N)
+        row0 += tl.cdiv(K, 2)
+    if WIDTH & 8:
+        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 8, BLOCK_K,
+                            BLOCK_N) << SHIFT8
+        row0 += tl.cdiv(K, 4)
+    if WIDTH & 4:
+        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 4, BLOCK_K,
+                            BLOCK_N) << SHIFT4
+        row0 += tl.cdiv(K, 8)
+    if WIDTH & 2:
+        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 2, BLOCK_K,
+                            BLOCK_N) << SHIFT2
+        row0 += tl.cdiv(K, 16)
+    if WIDTH & 1:
+        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 1, BLOCK_K,
+                            BLOCK_N) << SHIFT1
+    return codes
+
+
+@triton.jit
+def load_weights(w_ptr, s_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, stride_sn, stride_sg, offset, group,
+                 WIDTH: tl.constexpr, GROUPED: tl.constexpr, MAGIC: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Return the weight tile [BLOCK_K, BLOCK_N]: code - offset, times the group scale if GROUPED.
+
+    Per-channel scales are left to the caller's epilogue (one multiply per output instead of per
+    weight). MAGIC (fp16 activations, codes < 1024) builds fp16 values without an int-to-float
+    conversion: the bits 0x6400 | code read as fp16 are exactly 1024 + code.
+    """
+    codes = load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, WIDTH, BLOCK_K, BLOCK_N)
+    if GROUPED:
+        s = tl.load(s_ptr + offs_n[None, :] * stride_sn + (offs_k // group)[:, None] * stride_sg,
+                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        w = (codes - offset).to(tl.float32) * s.to(tl.float32)
+    elif MAGIC:
+        biased = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        w = biased - (offset + 1024).to(tl.float16)
+    else:
+        w = (codes - offset).to(tl.float32)
+    return w
+
+
+@triton.jit
+def accumulate(acc, x, w, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Return acc + x @ w with fp32 accumulation; UPCAST runs the product in fp32 (interpreter bf16 quirk)."""
+    if UPCAST:
+        return tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+    return tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def epilogue(acc, s_ptr, b_ptr, offs_n, N, stride_sn, add_bias, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Apply per-channel scales (unless GROUPED) and, where add_bias, the bias."""
+    n_ok = offs_n < N
+    if not GROUPED:
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc * s[None, :]
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=n_ok & add_bias, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    return acc
+
+
+@triton.jit
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a flat program id to (pid_m, pid_n), GROUP_M row tiles at a time so weight tiles stay in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n

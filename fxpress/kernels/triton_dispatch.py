@@ -1,0 +1,138 @@
+"""Triton implementations of the two low-bit ops: per shape, the tuned choice of fused kernel or dequant + dense.
+
+Small M (a few tokens) is memory-bound: the fused kernel reads 2-8x fewer weight bytes than fp16 and
+split-K spreads the reduction over the whole GPU. Large M is compute-bound: there the tuner may pick
+dequantize + cuBLAS/cuDNN, whose tiles are faster than ours, for one extra pass over the weight.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from fxpress.kernels import triton_conv, triton_dequant, triton_matmul
+from fxpress.kernels.kernel_config import KernelConfig, interpreting
+from fxpress.kernels.tuning import DEQUANT, TUNER, Choice
+
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_FUSED_WIDTH = 8  # codes - offset must be exact in fp16/bf16 tiles
+
+
+def _pow2_at_least(n: int, low: int, high: int) -> int:
+    p = low
+    while p < n and p < high:
+        p *= 2
+    return p
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return device.type
+
+
+def _split_for(m_tiles: int, n_tiles: int, k_tiles: int, sms: int) -> int:
+    """Split K until there are about two programs per multiprocessor, keeping >= 2 K tiles per split."""
+    split = 1
+    while m_tiles * n_tiles * split * 2 <= 2 * sms and split * 4 <= k_tiles and split < 16:
+        split *= 2
+    return split
+
+
+def linear_candidates(M: int, N: int, K: int, sms: int, fused: bool) -> list[Choice]:
+    """Return the choices worth timing for an (M, K) x (K, N) low-bit GEMM, the default first."""
+    if not fused:
+        return [DEQUANT]
+    if interpreting():
+        # few, large programs: the interpreter pays per program and per op, not per element
+        bm, bn, bk = _pow2_at_least(M, 16, 256), _pow2_at_least(N, 16, 256), _pow2_at_least(K, 32, 256)
+        return [Choice("fused", KernelConfig(bm, bn, bk, 1, num_warps=4, num_stages=1))]
+    if M <= 16:
+        shapes = [(16, 64, 256, 4, 4), (16, 32, 256, 4, 4), (16, 16, 512, 4, 3), (16, 128, 128, 4, 3)]
+    elif M <= 256:
+        shapes = [(32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
+    else:
+        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+    choices = []
+    for bm, bn, bk, warps, stages in shapes:
+        split = _split_for(-(-M // bm), -(-N // bn), -(-K // bk), sms)
+        choices.append(Choice("fused", KernelConfig(bm, bn, bk, split, 8, warps, stages)))
+    if M > 64:
+        choices.insert(0 if M > 256 else len(choices), DEQUANT)
+    return choices
+
+
+def conv_candidates(M: int, N: int, K: int, fused: bool) -> list[Choice]:
+    """Return the choices worth timing for an implicit-GEMM conv with M output pixels, the default first."""
+    if not fused:
+        return [DEQUANT]
+    if interpreting():
+        bm, bn, bk = _pow2_at_least(M, 16, 512), _pow2_at_least(N, 16, 128), _pow2_at_least(K, 32, 256)
+        return [Choice("fused", KernelConfig(bm, bn, bk, num_warps=4, num_stages=1))]
+    if M <= 256:
+        shapes = [(64, 64, 64, 4, 3), (32, 64, 128, 4, 3), (64, 128, 64, 4, 3)]
+    else:
+        shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3)]
+    choices = [Choice("fused", KernelConfig(bm, bn, bk, 1, 8, w, s)) for bm, bn, bk, w, s in shapes]
+    choices.insert(0 if M > 256 else len(choices), DEQUANT)
+    return choices
+
+
+def _m_bucket(M: int) -> int:
+    return _pow2_at_least(M, 1, 1 << 30)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+           width: int, offset: int, in_features: int) -> torch.Tensor:
+    """Triton implementation of fxpress::lowbit_linear."""
+    x2 = x.reshape(-1, in_features)
+    M, N, K = x2.shape[0], packed.shape[1], in_features
+    fused = width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
+    sms = _multiprocessors(x.device.index or 0) if x.device.type == "cuda" else 1
+
+    def run(choice: Choice) -> torch.Tensor:
+        if choice.path == "dequant":
+            weight = triton_dequant.dequantize(packed, scale, width, offset, K, x.dtype)
+            return F.linear(x2, weight, None if bias is None else bias.to(x.dtype))
+        return triton_matmul.lowbit_matmul(x2, packed, scale, bias, width, offset, K, choice.config)
+
+    key = (f"linear|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
+           f"|m{_m_bucket(M)}|n{N}|k{K}")
+    choice = TUNER.choose(key, linear_candidates(M, N, K, sms, fused), run)
+    return run(choice).reshape(*x.shape[:-1], N)
+
+
+def conv2d(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, width: int,
+           offset: int, weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int],
+           groups: int) -> torch.Tensor:
+    """Triton implementation of fxpress::lowbit_conv2d."""
+    squeeze = x.dim() == 3
+    x4 = x.unsqueeze(0) if squeeze else x
+    B, C, H, W = x4.shape
+    N, _, KH, KW = weight_shape
+    fused = groups == 1 and width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
+    OH = triton_conv.conv_output_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = triton_conv.conv_output_size(W, KW, stride[1], padding[1], dilation[1])
+
+    def run(choice: Choice) -> torch.Tensor:
+        if choice.path == "dequant":
+            cols = weight_shape[1] * KH * KW
+            weight = triton_dequant.dequantize(packed, scale, width, offset, cols, x.dtype).view(weight_shape)
+            return F.conv2d(x4, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation,
+                            groups)
+        return triton_conv.lowbit_conv2d(x4, packed, scale, bias, width, offset, weight_shape, stride, padding,
+                                         dilation, choice.config)
+
+    key = (f"conv2d|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
+           f"|x{B}x{C}x{H}x{W}|w{N}x{KH}x{KW}|s{stride}|p{padding}|d{dilation}|grp{groups}"
+           f"|cl{x4.is_contiguous(memory_format=torch.channels_last) and not x4.is_contiguous()}")
+    choice = TUNER.choose(key.replace(" ", ""), conv_candidates(B * OH * OW, N, weight_shape[1] * KH * KW, fused), run)
+    y = run(choice)
+    return y.squeeze(0) if squeeze else y

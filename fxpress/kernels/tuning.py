@@ -1,0 +1,136 @@
+"""Pick the fastest kernel choice per problem shape by timing a short list, and remember it on disk.
+
+A choice is ("fused", KernelConfig) for our kernel or ("dequant", None) for dequantize + cuBLAS/cuDNN.
+The first candidate of each list is the default used where nothing can be timed: in the CPU
+interpreter, while a CUDA graph is being captured, or with FXPRESS_TUNE=0. Choices persist in
+$FXPRESS_CACHE_DIR (default ~/.cache/fxpress)/triton_tuning.json, so a second process starts warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fxpress.kernels.kernel_config import KernelConfig, interpreting
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How one problem shape runs: our fused kernel with a config, or dequantize + a dense library."""
+
+    path: str
+    config: KernelConfig | None = None
+
+    def to_json(self) -> dict:
+        """Return a JSON-ready dict."""
+        return {"path": self.path, "config": None if self.config is None else self.config.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Choice:
+        """Rebuild a choice written by to_json."""
+        config = data.get("config")
+        return cls(str(data["path"]), None if config is None else KernelConfig.from_json(config))
+
+
+DEQUANT = Choice("dequant")
+
+
+def cache_path() -> Path:
+    """Return the tuning cache file."""
+    root = Path(os.environ.get("FXPRESS_CACHE_DIR", Path.home() / ".cache" / "fxpress"))
+    return root / "triton_tuning.json"
+
+
+def tuning_enabled() -> bool:
+    """True unless FXPRESS_TUNE=0 or the kernels run in the interpreter."""
+    return os.environ.get("FXPRESS_TUNE", "1") != "0" and not interpreting()
+
+
+class Tuner:
+    """Choice per shape key: remembered in memory and on disk, measured once where possible."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self._choices: dict[str, Choice] | None = None
+        self.timings: dict[str, dict[str, float]] = {}
+        self.last: tuple[str, Choice] | None = None   # the most recent (key, choice), for reports
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, Choice]:
+        if self._choices is None:
+            self._choices = {}
+            path = self.path or cache_path()
+            try:
+                data = json.loads(path.read_text())
+                self._choices = {k: Choice.from_json(v) for k, v in data.items()}
+            except (OSError, ValueError, TypeError, KeyError):
+                pass  # a missing or unreadable cache only means tuning again
+        return self._choices
+
+    def _save(self) -> None:
+        path = self.path or cache_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+                json.dump({k: v.to_json() for k, v in sorted(self._load().items())}, f, indent=1)
+            os.replace(f.name, path)
+        except OSError:
+            pass  # a read-only home directory only costs re-tuning in the next process
+
+    def choose(self, key: str, candidates: Sequence[Choice], run: Callable[[Choice], object]) -> Choice:
+        """Return the cached choice for `key`, else time `candidates` (where allowed) and keep the fastest."""
+        with self._lock:
+            known = self._load().get(key)
+        if known is None and (not tuning_enabled() or
+                              (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+            known = candidates[0]
+        if known is not None:
+            self.last = (key, known)
+            return known
+        import triton.testing
+
+        times: dict[str, float] = {}
+        best, best_ms = candidates[0], float("inf")
+        for candidate in candidates:
+            try:
+                ms = triton.testing.do_bench(lambda c=candidate: run(c), warmup=5, rep=20)
+            except Exception:  # noqa: BLE001 - a config that does not compile or fit is simply not a candidate
+                continue
+            times[_label(candidate)] = ms * 1e3
+            if ms < best_ms:
+                best, best_ms = candidate, ms
+        with self._lock:
+            self._load()[key] = best
+            self.timings[key] = times
+            self._save()
+        self.last = (key, best)
+        return best
+
+    def forget(self) -> None:
+        """Drop every remembered choice (memory and disk)."""
+        with self._lock:
+            self._choices = {}
+            self.timings.clear()
+            self._save()
+
+
+def describe(choice: Choice) -> str:
+    """Return a short label: 'dequant' or 'fused BMxBNxBK/s<split>/w<warps>/st<stages>'."""
+    return choice.path if choice.config is None else f"fused {_label(choice)}"
+
+
+def _label(choice: Choice) -> str:
+    c = choice.config
+    if c is None:
+        return choice.path
+    return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}"
+
+
+TUNER = Tuner()

@@ -1,0 +1,103 @@
+"""`backends.triton.lower`: a loaded artifact runs on the Triton kernels and matches the torch backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxpress
+from fxpress.errors import LoweringError, LoweringWarning
+from fxpress.kernels import ops
+from fxpress.kernels.kernel_config import KernelConfig, interpreting
+from fxpress.kernels.lowbit_layers import LowBitLinear
+
+triton_backend = pytest.importorskip("fxpress.backends.triton")
+from fxpress.kernels import tuning  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
+needs_kernels = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                   reason="Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU")
+
+
+@pytest.fixture
+def restore():
+    yield
+    triton_backend.restore_reference(DEVICE)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@needs_kernels
+def test_lowered_tiny_artifact_matches_torch_backend(tiny_artifact, tiny_unet, restore, monkeypatch):
+    """Acceptance: the 1.99-bit tiny-unet artifact gives the torch backend's output within 1e-3."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 on the GPU too
+    _, example = tiny_unet
+    with torch.no_grad():
+        reference = fxpress.load(tiny_artifact)(**example.kwargs)[0]
+        lowered = triton_backend.lower(tiny_artifact, device=DEVICE)
+        assert ops.implementation("linear", DEVICE) is not ops.linear_reference
+        kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in example.kwargs.items()}
+        out = lowered(**kwargs)[0]
+    assert _rel(out.cpu(), reference) < 1e-3
+
+
+@needs_kernels
+def test_unsupported_layer_warns_by_name_and_keeps_reference(restore):
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(LowBitLinear(torch.randint(-1, 2, (6, 10), generator=gen), torch.rand(6), None, -1, 3),
+                          LowBitLinear(torch.randint(-2, 2, (4, 6), generator=gen), torch.rand(4), None, -2, 4))
+    model[1].packed = model[1].packed.to(torch.int64)  # not the int32 word layout the kernels read
+    x = torch.randn(3, 10, generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(LoweringWarning, match="layer '1' keeps the torch reference path"):
+        triton_backend.lower(model, device=DEVICE)
+    assert model[0].fallback is None and model[1].fallback
+    with torch.no_grad():
+        assert torch.allclose(model(x.to(DEVICE)).cpu(), expected, atol=1e-5)
+
+
+def test_lower_refuses_impossible_targets_before_touching_the_model():
+    plain = nn.Linear(4, 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(LoweringError, match="CUDA GPU"):
+            triton_backend.lower(plain, device="cuda")
+    with pytest.raises(LoweringError, match="not 'meta'"):
+        triton_backend.lower(plain, device="meta")
+    if interpreting():
+        with pytest.raises(LoweringError, match="no low-bit layers"):
+            triton_backend.lower(plain, device="cpu")
+    with pytest.raises(LoweringError, match="artifact directory"):
+        triton_backend.lower(42, device=DEVICE if torch.cuda.is_available() or interpreting() else "cpu")
+    assert plain.weight.device.type == "cpu"
+
+
+def test_tuner_keeps_the_fastest_choice_and_remembers_it(tmp_path, monkeypatch):
+    import triton.testing
+
+    fast = tuning.Choice("fused", KernelConfig(32, 32, 32))
+    broken = tuning.Choice("fused", KernelConfig(16, 16, 16))
+    times = {tuning.DEQUANT: 2.0, fast: 0.5}
+
+    def fake_bench(fn, warmup, rep):
+        return fn()
+
+    def run(choice):
+        if choice is broken:
+            raise RuntimeError("out of shared memory")
+        return times[choice]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tuning, "tuning_enabled", lambda: True)
+    cache = tmp_path / "tuning.json"
+    tuner = tuning.Tuner(cache)
+    assert tuner.choose("k", [tuning.DEQUANT, broken, fast], run) == fast
+    assert set(tuner.timings["k"]) == {"dequant", "32x32x32/s1/w4/st3"}
+    monkeypatch.setattr(tuning, "tuning_enabled", lambda: False)
+    assert tuning.Tuner(cache).choose("k", [tuning.DEQUANT], run) == fast       # read back from disk
+    assert tuning.Tuner(cache).choose("other", [tuning.DEQUANT, fast], run) == tuning.DEQUANT  # default
+    cache.write_text("{not json")
+    assert tuning.Tuner(cache).choose("k", [broken], run) == broken            # corrupt cache: start over
