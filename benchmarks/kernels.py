@@ -5,8 +5,9 @@ Prints markdown tables (and appends them to --out): the card's measured peaks; p
 with the path the tuner chose, achieved bandwidth and TFLOP/s; the same for SD-1.5's convolutions;
 and the SD-1.5 UNet (64x64 latents, batch 2) in fp16 against the 1.99-bit allocation.
 
-Kernel times are Triton's do_bench (CUDA events, L2 flushed before every call), so weights come from
-DRAM each time, as in a real forward. Run: python benchmarks/kernels.py [--quick] [--skip-unet]
+Kernel times are GPU times per call, replayed from a CUDA graph (so Python launch overhead is not
+counted) that cycles through copies of the weights larger together than the L2 cache (so weights come
+from DRAM, as in a real forward). Run: python benchmarks/kernels.py [--sections linear,conv,unet] [--quick]
 """
 
 from __future__ import annotations
@@ -49,11 +50,42 @@ def emit(line: str = "") -> None:
             f.write(line + "\n")
 
 
-def bench_us(fn, *args) -> float:
-    """Median GPU time of fn(*args) in microseconds (first call outside the timing: tuning and compiling)."""
-    fn(*args)
+def graph_us(fn, arg_sets: list[tuple], calls: int = 0) -> float:
+    """GPU time per fn(*args) in µs, from a CUDA graph of `calls` calls cycling through arg_sets.
+
+    The first calls run outside the graph, so tuning and compiling are not timed.
+    """
+    for args in arg_sets[:2]:
+        fn(*args)
     torch.cuda.synchronize()
-    return triton.testing.do_bench(lambda: fn(*args), warmup=10, rep=40, return_mode="median") * 1e3
+    calls = calls or max(2 * len(arg_sets), 20)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(*arg_sets[0])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fn(*arg_sets[i % len(arg_sets)])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] / calls * 1e3
+
+
+def cold_copies(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of `tensor` that together hold three times the L2 cache (at least 2, at most 64)."""
+    l2 = getattr(torch.cuda.get_device_properties(tensor.device), "L2_cache_size", 50 * 2**20)
+    count = max(2, min(64, -(-3 * l2 // (tensor.numel() * tensor.element_size()))))
+    return [tensor] + [tensor.clone() for _ in range(count - 1)]
 
 
 @triton.jit
@@ -64,19 +96,19 @@ def _empty_kernel(p):
 def measure_peaks() -> dict:
     """Measured copy bandwidth (bytes read + written), fp16 matmul rate and empty-kernel time of this card."""
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_us = bench_us(torch.Tensor.copy_, torch.empty_like(a), a)
+    copy_us = graph_us(torch.Tensor.copy_, [(torch.empty_like(a), a)])
     x = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
-    mm_us = bench_us(torch.matmul, x, x)
+    mm_us = graph_us(torch.matmul, [(x, x)])
     flag = torch.zeros(1, device="cuda")
-    empty_us = bench_us(lambda: _empty_kernel[(1,)](flag))
+    empty_us = graph_us(lambda: _empty_kernel[(1,)](flag), [()], calls=200)
     return {"bandwidth_gbs": 2 * 2**30 / copy_us / 1e3, "fp16_tflops": 2 * 8192**3 / mm_us / 1e6,
             "empty_kernel_us": empty_us}
 
 
 def random_layer(n: int, k: int, width: int):
-    """Packed random codes (full range of the width) and per-channel fp16 scales on the GPU."""
-    codes = torch.randint(0, 2**width, (n, k), device="cpu")
-    return pack_words(codes, width).cuda(), (torch.rand(n, device="cuda") * 0.01 + 1e-3).half(), (2**width - 1) // 2
+    """Packed random codes (full range of the width), per-channel fp16 scales and the offset, on the GPU."""
+    codes = torch.randint(0, 2**width, (n, k), device="cuda")
+    return pack_words(codes, width), (torch.rand(n, device="cuda") * 0.01 + 1e-3).half(), (2**width - 1) // 2
 
 
 def linear_table(peaks: dict, quick: bool) -> None:
@@ -93,21 +125,23 @@ def linear_table(peaks: dict, quick: bool) -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             row = [f"{k} x {n}", str(m)]
             try:
-                t16 = bench_us(F.linear, x, w16, bias)
+                t16 = graph_us(F.linear, [(x, w, bias) for w in cold_copies(w16)])
                 row.append(f"{t16:.1f}")
                 p2, s2, o2 = layers[2]
-                row.append(f"{bench_us(ops.linear_reference, x, p2, s2, bias, 2, o2, k):.1f}")
+                torch_us = graph_us(ops.linear_reference, [(x, p, s2, bias, 2, o2, k) for p in cold_copies(p2)])
+                row.append(f"{torch_us:.1f}")
                 w2_us, label = None, "?"
                 for w in WIDTHS:
                     p, s, o = layers[w]
-                    us = bench_us(triton_dispatch.linear, x, p, s, bias, w, o, k)
                     ref = ops.linear_reference(x.float(), p, s, bias, w, o, k)
                     got = triton_dispatch.linear(x, p, s, bias, w, o, k).float()
+                    chosen = describe(TUNER.last[1])
+                    us = graph_us(triton_dispatch.linear, [(x, c, s, bias, w, o, k) for c in cold_copies(p)])
                     err = ((got - ref).norm() / ref.norm()).item()
                     mark = "" if err < 5e-3 else f" ERR {err:.1e}"
                     row.append(f"{us:.1f} ({t16 / us:.2f}x){mark}")
                     if w == 2:
-                        w2_us, label = us, describe(TUNER.last[1])
+                        w2_us, label = us, chosen
                 moved = p2.numel() * 4 + x.numel() * 2 + m * n * 2 + n * 4
                 gbs, tflops = moved / w2_us / 1e3, 2 * m * n * k / w2_us / 1e6
                 row += [label, f"{gbs:.0f} ({100 * gbs / peaks['bandwidth_gbs']:.0f}%)",
@@ -134,20 +168,21 @@ def conv_table(quick: bool) -> None:
         geometry = ([o, c, kk, kk], [st, st], [pad, pad], [1, 1])
         row = [f"{c} -> {o}, {kk}x{kk}, {h}x{h}, s{st}"]
         try:
-            t16 = bench_us(F.conv2d, x, w16, bias, st, pad)
+            t16 = graph_us(F.conv2d, [(x, w, bias, st, pad) for w in cold_copies(w16)])
             row.append(f"{t16:.1f}")
             p4, s4, o4 = random_layer(o, c * kk * kk, 4)
-            row.append(f"{bench_us(ops.conv2d_reference, x, p4, s4, bias, 4, o4, *geometry, 1):.1f}")
+            torch_us = graph_us(ops.conv2d_reference, [(x, p, s4, bias, 4, o4, *geometry, 1) for p in cold_copies(p4)])
+            row.append(f"{torch_us:.1f}")
             label = "?"
             for w in CONV_WIDTHS:
                 p, s, off = random_layer(o, c * kk * kk, w)
-                us = bench_us(triton_dispatch.conv2d, x, p, s, bias, w, off, *geometry, 1)
                 ref = ops.conv2d_reference(x.float(), p, s, bias, w, off, *geometry, 1)
                 got = triton_dispatch.conv2d(x, p, s, bias, w, off, *geometry, 1).float()
-                err = ((got - ref).norm() / ref.norm()).item()
-                row.append(f"{us:.1f} ({t16 / us:.2f}x)" + ("" if err < 5e-3 else f" ERR {err:.1e}"))
                 if w == 4:
                     label = describe(TUNER.last[1])
+                us = graph_us(triton_dispatch.conv2d, [(x, cp, s, bias, w, off, *geometry, 1) for cp in cold_copies(p)])
+                err = ((got - ref).norm() / ref.norm()).item()
+                row.append(f"{us:.1f} ({t16 / us:.2f}x)" + ("" if err < 5e-3 else f" ERR {err:.1e}"))
             row.append(label)
         except Exception as exc:  # noqa: BLE001
             row.append(f"FAILED: {type(exc).__name__}: {str(exc)[:120]}")
@@ -180,6 +215,27 @@ def quantize_like_allocation(model: torch.nn.Module, allocation: dict) -> None:
                                tuple(entry["stride"]), tuple(entry["padding"]), tuple(entry["dilation"]),
                                entry["groups"])
         replace_submodule(model, path, new)
+
+
+def kernel_breakdown(fn) -> dict[str, float]:
+    """GPU time (ms) of one fn() per kind of kernel, from the torch profiler (self device time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds = (("_dequant_kernel", "fxpress dequant"), ("_lowbit_matmul", "fxpress GEMM"),
+             ("_sum_splits", "fxpress GEMM"), ("_lowbit_conv2d", "fxpress conv"), ("gemm", "cuBLAS GEMM"),
+             ("conv", "cuDNN conv"), ("fmha", "attention"), ("flash", "attention"), ("attention", "attention"))
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        ms = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0)) / 1e3
+        if ms <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((label for needle, label in kinds if needle.lower() in name), "other")
+        totals[kind] = totals.get(kind, 0.0) + ms
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def unet_forward(allocation_path: Path) -> None:
@@ -239,8 +295,13 @@ def unet_forward(allocation_path: Path) -> None:
         out16 = model(**kwargs)[0].float()
     fp16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     t16 = timed(lambda: model(**kwargs))
+    try:
+        split16 = kernel_breakdown(lambda: model(**kwargs))
+    except Exception as exc:  # noqa: BLE001 - the breakdown is an extra; timings above stand without it
+        split16 = {"profiler failed": str(exc)[:80]}
     quantize_like_allocation(model, allocation)
     low = [m for m in model.modules() if isinstance(m, (LowBitLinear, LowBitConv2d))]
+    triton_backend.restore_reference("cuda")
     with torch.no_grad():
         reference = model(**kwargs)[0].float()   # torch reference path on the GPU
     triton_backend.lower(model, device="cuda")
@@ -249,6 +310,10 @@ def unet_forward(allocation_path: Path) -> None:
         lowered = model(**kwargs)[0].float()     # first call: tunes and compiles every shape
     first_call = time.perf_counter() - start
     tlow = timed(lambda: model(**kwargs))
+    try:
+        split_low = kernel_breakdown(lambda: model(**kwargs))
+    except Exception as exc:  # noqa: BLE001
+        split_low = {"profiler failed": str(exc)[:80]}
     packed_bytes = sum(m.packed.numel() * 4 + m.scale.numel() * m.scale.element_size() for m in low)
     rest = sum(p.numel() * p.element_size() for p in model.parameters())
     rest += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if not n.endswith((".packed", ".scale")))
@@ -268,6 +333,9 @@ def unet_forward(allocation_path: Path) -> None:
     paths: dict[str, int] = {}
     for choice in TUNER._load().values():
         paths[choice.path] = paths.get(choice.path, 0) + 1
+    fmt = lambda split: ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in split.items())  # noqa: E731
+    emit(f"\nGPU time per kind of kernel, one eager forward (ms): fp16: {fmt(split16)}; "
+         f"1.99-bit: {fmt(split_low)}.")
     emit(f"Tuned choices so far (all shapes seen in this process and the cache): {paths}.")
 
 
@@ -280,6 +348,7 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, in order: {SECTIONS}")
     parser.add_argument("--quick", action="store_true", help="two shapes, three M values")
     parser.add_argument("--out", default=None, help="append the tables to this markdown file")
+    parser.add_argument("--timings", default=None, help="write every tuned candidate's time (µs) to this JSON")
     parser.add_argument("--allocation", default=str(Path(__file__).parent / "results" /
                                                     "sd15_allocation_1.99bit.json"))
     args = parser.parse_args()
@@ -307,6 +376,8 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a failed section is reported, the next one still runs
             emit(f"\nSection {section} FAILED: {type(exc).__name__}: {exc}")
             traceback.print_exc()
+        if args.timings:
+            Path(args.timings).write_text(json.dumps(TUNER.timings, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -76,13 +78,11 @@ def test_lower_refuses_impossible_targets_before_touching_the_model():
 
 
 def test_tuner_keeps_the_fastest_choice_and_remembers_it(tmp_path, monkeypatch):
-    import triton.testing
-
     fast = tuning.Choice("fused", KernelConfig(32, 32, 32))
     broken = tuning.Choice("fused", KernelConfig(16, 16, 16))
     times = {tuning.DEQUANT: 2.0, fast: 0.5}
 
-    def fake_bench(fn, warmup, rep):
+    def fake_gpu_time(fn):
         return fn()
 
     def run(choice):
@@ -90,7 +90,7 @@ def test_tuner_keeps_the_fastest_choice_and_remembers_it(tmp_path, monkeypatch):
             raise RuntimeError("out of shared memory")
         return times[choice]
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tuning, "gpu_time_ms", fake_gpu_time)
     monkeypatch.setattr(tuning, "tuning_enabled", lambda: True)
     cache = tmp_path / "tuning.json"
     tuner = tuning.Tuner(cache)
@@ -101,3 +101,7 @@ def test_tuner_keeps_the_fastest_choice_and_remembers_it(tmp_path, monkeypatch):
     assert tuning.Tuner(cache).choose("other", [tuning.DEQUANT, fast], run) == tuning.DEQUANT  # default
     cache.write_text("{not json")
     assert tuning.Tuner(cache).choose("k", [broken], run) == broken            # corrupt cache: start over
+    tuner.remember_fast(("k",), fast)
+    assert tuner.fast(("k",)) == fast and tuner.last == ("('k',)", fast)
+    tuner.forget()
+    assert tuner.fast(("k",)) is None and json.loads(cache.read_text()) == {}

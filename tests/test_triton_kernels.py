@@ -26,6 +26,12 @@ else:
 WIDTHS = [1, 2, 3, 4, 5, 6, 7, 8]
 
 
+@pytest.fixture(autouse=True)
+def full_fp32_references(monkeypatch):
+    """On a GPU, cuDNN would run the fp32 reference convolutions in TF32; the references must be fp32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def _layer(gen, n, k, width, groups):
     """Random packed codes, scales (per-channel or `groups` groups), bias and offset for an (n, k) weight."""
     levels = 2**width

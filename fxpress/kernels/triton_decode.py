@@ -81,7 +81,7 @@ def load_weights(w_ptr, s_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, s
         w = (codes - offset).to(tl.float32) * s.to(tl.float32)
     elif MAGIC:
         biased = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        w = biased - (offset + 1024).to(tl.float16)
+        w = biased - (tl.full((), 1024, tl.int32) + offset).to(tl.float16)  # offset may arrive as constexpr 1
     else:
         w = (codes - offset).to(tl.float32)
     return w

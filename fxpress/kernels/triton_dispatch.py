@@ -64,6 +64,8 @@ def linear_candidates(M: int, N: int, K: int, sms: int, fused: bool) -> list[Cho
     for bm, bn, bk, warps, stages in shapes:
         split = _split_for(-(-M // bm), -(-N // bn), -(-K // bk), sms)
         choices.append(Choice("fused", KernelConfig(bm, bn, bk, split, 8, warps, stages)))
+        if split > 1 and M <= 16:  # one launch instead of two can beat a fuller GPU
+            choices.append(Choice("fused", KernelConfig(bm, bn, bk, 1, 8, warps, stages)))
     if M > 64:
         choices.insert(0 if M > 256 else len(choices), DEQUANT)
     return choices
@@ -94,8 +96,6 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
     """Triton implementation of fxpress::lowbit_linear."""
     x2 = x.reshape(-1, in_features)
     M, N, K = x2.shape[0], packed.shape[1], in_features
-    fused = width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
-    sms = _multiprocessors(x.device.index or 0) if x.device.type == "cuda" else 1
 
     def run(choice: Choice) -> torch.Tensor:
         if choice.path == "dequant":
@@ -103,9 +103,15 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
             return F.linear(x2, weight, None if bias is None else bias.to(x.dtype))
         return triton_matmul.lowbit_matmul(x2, packed, scale, bias, width, offset, K, choice.config)
 
-    key = (f"linear|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
-           f"|m{_m_bucket(M)}|n{N}|k{K}")
-    choice = TUNER.choose(key, linear_candidates(M, N, K, sms, fused), run)
+    fast_key = ("linear", x.device, x.dtype, width, scale.dim(), M, N, K)
+    choice = TUNER.fast(fast_key)
+    if choice is None:
+        fused = width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
+        sms = _multiprocessors(x.device.index or 0) if x.device.type == "cuda" else 1
+        key = (f"linear|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
+               f"|m{_m_bucket(M)}|n{N}|k{K}")
+        choice = TUNER.choose(key, linear_candidates(M, N, K, sms, fused), run)
+        TUNER.remember_fast(fast_key, choice)
     return run(choice).reshape(*x.shape[:-1], N)
 
 
@@ -117,9 +123,6 @@ def conv2d(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
     x4 = x.unsqueeze(0) if squeeze else x
     B, C, H, W = x4.shape
     N, _, KH, KW = weight_shape
-    fused = groups == 1 and width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
-    OH = triton_conv.conv_output_size(H, KH, stride[0], padding[0], dilation[0])
-    OW = triton_conv.conv_output_size(W, KW, stride[1], padding[1], dilation[1])
 
     def run(choice: Choice) -> torch.Tensor:
         if choice.path == "dequant":
@@ -130,9 +133,18 @@ def conv2d(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
         return triton_conv.lowbit_conv2d(x4, packed, scale, bias, width, offset, weight_shape, stride, padding,
                                          dilation, choice.config)
 
-    key = (f"conv2d|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
-           f"|x{B}x{C}x{H}x{W}|w{N}x{KH}x{KW}|s{stride}|p{padding}|d{dilation}|grp{groups}"
-           f"|cl{x4.is_contiguous(memory_format=torch.channels_last) and not x4.is_contiguous()}")
-    choice = TUNER.choose(key.replace(" ", ""), conv_candidates(B * OH * OW, N, weight_shape[1] * KH * KW, fused), run)
+    channels_last = x4.is_contiguous(memory_format=torch.channels_last) and not x4.is_contiguous()
+    fast_key = ("conv2d", x.device, x.dtype, width, scale.dim(), tuple(x4.shape), tuple(weight_shape), tuple(stride),
+                tuple(padding), tuple(dilation), groups, channels_last)
+    choice = TUNER.fast(fast_key)
+    if choice is None:
+        fused = groups == 1 and width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
+        OH = triton_conv.conv_output_size(H, KH, stride[0], padding[0], dilation[0])
+        OW = triton_conv.conv_output_size(W, KW, stride[1], padding[1], dilation[1])
+        key = (f"conv2d|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
+               f"|x{B}x{C}x{H}x{W}|w{N}x{KH}x{KW}|s{stride}|p{padding}|d{dilation}|grp{groups}|cl{channels_last}")
+        candidates = conv_candidates(B * OH * OW, N, weight_shape[1] * KH * KW, fused)
+        choice = TUNER.choose(key.replace(" ", ""), candidates, run)
+        TUNER.remember_fast(fast_key, choice)
     y = run(choice)
     return y.squeeze(0) if squeeze else y
