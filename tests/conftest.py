@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ os.environ.setdefault("FXPRESS_QUIET", "1")
 # it must be set before any kernel module is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FXPRESS_TUNE", "0")
+# tuning choices go to a scratch folder, never the user's ~/.cache
+os.environ.setdefault("FXPRESS_CACHE_DIR", tempfile.mkdtemp(prefix="fxpress-cache-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -14,7 +14,7 @@ from fxpress.kernels.kernel_config import KernelConfig, interpreting
 from fxpress.kernels.packing import pack_words
 
 triton_conv = pytest.importorskip("fxpress.kernels.triton_conv")
-from fxpress.kernels import triton_dequant, triton_dispatch, triton_matmul  # noqa: E402
+from fxpress.kernels import triton_dequant, triton_dispatch, triton_gemv, triton_matmul  # noqa: E402
 
 if interpreting():
     DEVICE = "cpu"
@@ -62,6 +62,18 @@ def test_matmul_matches_reference(width, m, k, n, config, groups):
     y = triton_matmul.lowbit_matmul(x, packed, scale, bias, width, offset, k, config)
     ref = ops.linear_reference(x, packed, scale, bias, width, offset, k)
     _close(y, ref, 1e-5)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("m, split, groups", [(1, 1, 0), (2, 3, 0), (3, 1, 4), (4, 2, 0)])
+def test_gemv_matches_reference(width, m, split, groups):
+    gen = torch.Generator().manual_seed(width * 10 + m)
+    packed, scale, bias, offset = _layer(gen, 40, 75, width, groups)
+    x = torch.randn(m, 75, generator=gen).to(DEVICE)
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        y = triton_gemv.lowbit_gemv(x.to(dtype), packed, scale, bias, width, offset, 75,
+                                    KernelConfig(1, 32, 32, split))
+        _close(y, ops.linear_reference(x, packed, scale, bias, width, offset, 75), rtol)
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2), (torch.float32, 1e-5)])
@@ -139,3 +151,31 @@ def test_dispatch_handles_batched_inputs_grouped_convs_and_wide_codes():
     xi = torch.randn(6, 7, 7, generator=gen).to(DEVICE)                # unbatched input
     args = (gpacked, gscale, gbias, 2, goffset, [8, 3, 3, 3], [1, 1], [1, 1], [1, 1], 2)
     _close(triton_dispatch.conv2d(xi, *args), ops.conv2d_reference(xi, *args), 1e-5)
+
+
+def test_candidate_lists_per_regime(monkeypatch):
+    """Few rows try the GEMV and split-K, many rows lead with dequant + cuBLAS; unfusable work goes to dequant."""
+    monkeypatch.setattr(triton_dispatch, "interpreting", lambda: False)
+    small = triton_dispatch.linear_candidates(1, 4096, 4096, sms=132, fused=True)
+    assert small[0].path == "fused" and {c.path for c in small} == {"fused", "gemv"}
+    assert any(c.config.split_k > 1 for c in small) and any(c.config.split_k == 1 for c in small)
+    assert triton_dispatch.linear_candidates(4096, 4096, 4096, sms=132, fused=True)[0].path == "dequant"
+    assert [c.path for c in triton_dispatch.linear_candidates(8, 64, 64, 132, fused=False)] == ["dequant"]
+    assert triton_dispatch.conv_candidates(8192, 320, 2880, fused=True)[0].path == "dequant"
+
+
+def test_dispatch_runs_the_gemv_choice(monkeypatch):
+    from fxpress.kernels.tuning import TUNER, Choice
+
+    gen = torch.Generator().manual_seed(5)
+    packed, scale, bias, offset = _layer(gen, 24, 50, 3, 0)
+    x = torch.randn(2, 50, generator=gen).to(DEVICE)
+    monkeypatch.setattr(triton_dispatch, "linear_candidates",
+                        lambda *args: [Choice("gemv", KernelConfig(1, 16, 32, 2))])
+    TUNER.forget()
+    try:
+        y = triton_dispatch.linear(x, packed, scale, bias, 3, offset, 50)
+        assert TUNER.last[1].path == "gemv"
+    finally:
+        TUNER.forget()
+    _close(y, ops.linear_reference(x, packed, scale, bias, 3, offset, 50), 1e-5)

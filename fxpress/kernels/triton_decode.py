@@ -34,33 +34,34 @@ def load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
 
 
 @triton.jit
+def add_slice(codes, row0, w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
+              BITS: tl.constexpr, SHIFT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OR one slice's fields into `codes` at bit SHIFT; return them with the next slice's first word row."""
+    fields = load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, BITS, BLOCK_K, BLOCK_N)
+    return codes | (fields << SHIFT), row0 + tl.cdiv(K, 32 // BITS)
+
+
+@triton.jit
 def load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
                WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Return the unsigned codes of inputs offs_k (= k0 + arange(BLOCK_K)) x outputs offs_n, int32."""
+    """Return the unsigned codes of inputs offs_k (= k0 + arange(BLOCK_K)) x outputs offs_n, int32.
+
+    Slices run widest first (as packing.width_parts); a slice's bits sit above all wider slices'.
+    Written out per slice: Triton cannot carry a changing constexpr shift through a static loop.
+    """
     codes = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
     row0 = 0
-    SHIFT8: tl.constexpr = WIDTH & 16
-    SHIFT4: tl.constexpr = SHIFT8 + (WIDTH & 8)
-    SHIFT2: tl.constexpr = SHIFT4 + (WIDTH & 4)
-    SHIFT1: tl.constexpr = SHIFT2 + (WIDTH & 2)
+    args = (w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn)
     if WIDTH & 16:
-        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 16, BLOCK_K, BLOCK_N)
-        row0 += tl.cdiv(K, 2)
+        codes, row0 = add_slice(codes, row0, *args, 16, 0, BLOCK_K, BLOCK_N)
     if WIDTH & 8:
-        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 8, BLOCK_K,
-                            BLOCK_N) << SHIFT8
-        row0 += tl.cdiv(K, 4)
+        codes, row0 = add_slice(codes, row0, *args, 8, WIDTH & 16, BLOCK_K, BLOCK_N)
     if WIDTH & 4:
-        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 4, BLOCK_K,
-                            BLOCK_N) << SHIFT4
-        row0 += tl.cdiv(K, 8)
+        codes, row0 = add_slice(codes, row0, *args, 4, WIDTH & 24, BLOCK_K, BLOCK_N)
     if WIDTH & 2:
-        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 2, BLOCK_K,
-                            BLOCK_N) << SHIFT2
-        row0 += tl.cdiv(K, 16)
+        codes, row0 = add_slice(codes, row0, *args, 2, WIDTH & 28, BLOCK_K, BLOCK_N)
     if WIDTH & 1:
-        codes |= load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, 1, BLOCK_K,
-                            BLOCK_N) << SHIFT1
+        codes, row0 = add_slice(codes, row0, *args, 1, WIDTH & 30, BLOCK_K, BLOCK_N)
     return codes
 
 

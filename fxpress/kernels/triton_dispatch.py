@@ -1,4 +1,4 @@
-"""Triton implementations of the two low-bit ops: per shape, the tuned choice of fused kernel or dequant + dense.
+"""Triton implementations of the two low-bit ops: per shape, the tuned choice of kernel or dequant + dense.
 
 Small M (a few tokens) is memory-bound: the fused kernel reads 2-8x fewer weight bytes than fp16 and
 split-K spreads the reduction over the whole GPU. Large M is compute-bound: there the tuner may pick
@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fxpress.kernels import triton_conv, triton_dequant, triton_matmul
+from fxpress.kernels import triton_conv, triton_dequant, triton_gemv, triton_matmul
 from fxpress.kernels.kernel_config import KernelConfig, interpreting
 from fxpress.kernels.tuning import DEQUANT, TUNER, Choice
 
@@ -66,6 +66,10 @@ def linear_candidates(M: int, N: int, K: int, sms: int, fused: bool) -> list[Cho
         choices.append(Choice("fused", KernelConfig(bm, bn, bk, split, 8, warps, stages)))
         if split > 1 and M <= 16:  # one launch instead of two can beat a fuller GPU
             choices.append(Choice("fused", KernelConfig(bm, bn, bk, 1, 8, warps, stages)))
+    if M <= triton_gemv.MAX_ROWS:  # CUDA-core GEMV: no operand shuffle; unmeasured on a GPU so far, so not first
+        for bn, bk in ((64, 64), (128, 32), (32, 128)) if M == 1 else ((64, 32), (128, 16)):
+            split = _split_for(1, -(-N // bn), -(-K // bk), sms)
+            choices.append(Choice("gemv", KernelConfig(1, bn, bk, split, 1, 4, 3)))
     if M > 64:
         choices.insert(0 if M > 256 else len(choices), DEQUANT)
     return choices
@@ -101,6 +105,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
         if choice.path == "dequant":
             weight = triton_dequant.dequantize(packed, scale, width, offset, K, x.dtype)
             return F.linear(x2, weight, None if bias is None else bias.to(x.dtype))
+        if choice.path == "gemv":
+            return triton_gemv.lowbit_gemv(x2, packed, scale, bias, width, offset, K, choice.config)
         return triton_matmul.lowbit_matmul(x2, packed, scale, bias, width, offset, K, choice.config)
 
     fast_key = ("linear", x.device, x.dtype, width, scale.dim(), M, N, K)

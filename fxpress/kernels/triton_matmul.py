@@ -50,29 +50,48 @@ def _sum_splits_kernel(ws_ptr, y_ptr, total, splits, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def lowbit_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                  width: int, offset: int, in_features: int, config: KernelConfig) -> torch.Tensor:
-    """Return x (M, K) @ dequant(W).T + bias as an (M, N) tensor of x's dtype."""
+def gemm_arguments(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   offset: int, config: KernelConfig) -> tuple[torch.Tensor, int, tuple]:
+    """Return (y, split, kernel arguments) shared by the GEMM and GEMV kernels.
+
+    The kernels write y directly, or fp32 partials (split, M, N) when split-K is used; y is returned
+    empty-shaped and the arguments are () when there is nothing to compute.
+    """
     M, K = x.shape
     N = packed.shape[1]
     grouped = scale.dim() == 2
-    group = -(-K // scale.shape[1]) if grouped else 1
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
-        return y
+        return y, 1, ()
     split = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
     out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    args = (x, packed, scale, bias if bias is not None else scale, out, M, N, K,
+            x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
+            scale.stride(0), scale.stride(1) if grouped else 0,
+            out.stride(0) if split > 1 else 0, out.stride(-2), out.stride(-1),
+            offset, -(-K // scale.shape[1]) if grouped else 1, split)
+    return y, split, args
+
+
+def lowbit_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  width: int, offset: int, in_features: int, config: KernelConfig) -> torch.Tensor:
+    """Return x (M, K) @ dequant(W).T + bias as an (M, N) tensor of x's dtype."""
+    y, split, args = gemm_arguments(x, packed, scale, bias, offset, config)
+    if not args:
+        return y
+    M, N = y.shape
     upcast, precision = dot_settings(x.dtype)
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split)
     _lowbit_matmul_kernel[grid](
-        x, packed, scale, bias if bias is not None else scale, out, M, N, K,
-        x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
-        scale.stride(0), scale.stride(1) if grouped else 0,
-        out.stride(0) if split > 1 else 0, out.stride(-2), out.stride(-1), offset, group, split,
-        WIDTH=width, GROUPED=grouped, MAGIC=magic_fp16(x.dtype, width, grouped), HAS_BIAS=bias is not None,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        UPCAST=upcast, DOT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
-    if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](out, y, M * N, split, BLOCK=block)
+        *args, WIDTH=width, GROUPED=scale.dim() == 2, MAGIC=magic_fp16(x.dtype, width, scale.dim() == 2),
+        HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, UPCAST=upcast, DOT_PRECISION=precision, num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    return sum_splits(args[4], y) if split > 1 else y
+
+
+def sum_splits(partials: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Write the sum of fp32 split-K partials (splits, M, N) into y (M, N) and return y."""
+    splits, total, block = partials.shape[0], y.numel(), 1024
+    _sum_splits_kernel[(triton.cdiv(total, block),)](partials, y, total, splits, BLOCK=block)
     return y
