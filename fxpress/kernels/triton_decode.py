@@ -104,8 +104,8 @@ def epilogue(acc, s_ptr, b_ptr, offs_n, N, stride_sn, add_bias, GROUPED: tl.cons
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
     if HAS_BIAS:
-        b = tl.load(b_ptr + offs_n, mask=n_ok & add_bias, other=0.0).to(tl.float32)
-        acc = acc + b[None, :]
+        b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + tl.where(add_bias, b, 0.0)[None, :]
     return acc
 
 
