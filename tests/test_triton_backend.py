@@ -102,6 +102,6 @@ def test_tuner_keeps_the_fastest_choice_and_remembers_it(tmp_path, monkeypatch):
     cache.write_text("{not json")
     assert tuning.Tuner(cache).choose("k", [broken], run) == broken            # corrupt cache: start over
     tuner.remember_fast(("k",), fast)
-    assert tuner.fast(("k",)) == fast and tuner.last == ("('k',)", fast)
+    assert tuner.fast(("k",)) == fast and tuner.last == (("k",), fast)
     tuner.forget()
     assert tuner.fast(("k",)) is None and json.loads(cache.read_text()) == {}

@@ -61,7 +61,7 @@ class Tuner:
         self.path = path
         self._choices: dict[str, Choice] | None = None
         self.timings: dict[str, dict[str, float]] = {}
-        self.last: tuple[str, Choice] | None = None   # the most recent (key, choice), for reports
+        self.last: tuple[str | tuple, Choice] | None = None   # the most recent (key, choice), for reports
         self._fast: dict[tuple, Choice] = {}
         self._lock = threading.Lock()
 
@@ -117,7 +117,7 @@ class Tuner:
         """Return the choice remembered under a cheap tuple key (the eager hot path), or None."""
         choice = self._fast.get(key)
         if choice is not None:
-            self.last = (str(key), choice)
+            self.last = (key, choice)
         return choice
 
     def remember_fast(self, key: tuple, choice: Choice) -> None:
@@ -132,6 +132,9 @@ class Tuner:
             self._fast.clear()
             self.timings.clear()
             self._save()
+
+
+SLEEP_CYCLES = 4_000_000  # ~2 ms at 2 GHz: longer than queueing ten calls from Python
 
 
 def gpu_time_ms(fn: Callable[[], object], calls: int = 10, rounds: int = 3) -> float:
@@ -153,9 +156,6 @@ def gpu_time_ms(fn: Callable[[], object], calls: int = 10, rounds: int = 3) -> f
         end.synchronize()
         best = min(best, start.elapsed_time(end) / calls)
     return best
-
-
-SLEEP_CYCLES = 4_000_000  # ~2 ms at 2 GHz: longer than queueing ten calls from Python
 
 
 def describe(choice: Choice) -> str:
