@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fxpress.ir.graph import Graph
+from fxpress.ir.input_spec import input_spec
 from fxpress.kernels import entropy
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.kernels.packing import pack_radix
@@ -82,5 +83,5 @@ def artifact_contents(graph: Graph, codec: str = "rans") -> tuple[dict[str, Any]
     annotations = {p: a.to_json() for p, a in graph.annotations().items()}
     payload = {"source": graph.source, "lowbit_layers": layers, "dtypes": dtypes,
                "time_cache": graph.extras.get("time_cache") if tables else None,
-               "annotations": annotations}
+               "annotations": annotations, "inputs": input_spec(graph.example)}
     return payload, tensors

@@ -32,7 +32,8 @@ class TimestepTable(nn.Module):
         batch = next((a.shape[0] for a in (*args, *kwargs.values())
                       if isinstance(a, torch.Tensor) and a.dim() > 0), 1)
         t = current.reshape(-1).to(self.timesteps.dtype)
-        index = torch.searchsorted(self.timesteps, t).clamp_(max=self.timesteps.numel() - 1)
+        # searchsorted (left) written as a count, which every exporter (ONNX has no searchsorted) can express
+        index = (self.timesteps[None, :] < t[:, None]).sum(dim=1).clamp(max=self.timesteps.numel() - 1)
         if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             if not torch.equal(self.timesteps[index], t):
                 raise FxpressError(f"timestep(s) {t.tolist()} are not in the cached grid "
