@@ -238,6 +238,7 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
 
     module: nn.Module = load(target, model=model) if isinstance(target, (str, Path)) else target
     args, kwargs = _split_inputs(example_inputs)
+    was_training = module.training
     module.eval()
     try:
         program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
@@ -245,6 +246,8 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; all mean "cannot export"
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
         raise LoweringError(f"torch.onnx could not export {type(module).__name__}: {message[:1500]}") from exc
+    finally:
+        module.train(was_training)
     proto = program.model_proto
     layers = rewrite_lowbit_nodes(proto, int2)
     store_exact_fp16(proto)
