@@ -8,7 +8,7 @@ from torch import nn
 
 from fxpress import cli
 from fxpress.backends import onnx as onnx_backend
-from fxpress.errors import LoweringError
+from fxpress.errors import ArtifactError, LoweringError
 from fxpress.ir.artifact import read_manifest
 from fxpress.ir.input_spec import inputs_from_spec
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
@@ -80,6 +80,8 @@ def test_cli_export_reads_the_recorded_inputs(tiny_artifact, tmp_path, capsys):
     spec = read_manifest(tiny_artifact)["inputs"]
     drawn = inputs_from_spec(spec)
     assert drawn.kwargs["sample"].shape == (2, 4, 16, 16) and drawn.kwargs["timestep"].dtype == torch.long
+    with pytest.raises(ArtifactError, match="names no torch dtype"):
+        inputs_from_spec({"args": [{"shape": [2], "dtype": "load"}]})   # a manifest cannot name any attribute
     out = tmp_path / "cli.onnx"
     assert cli.main(["export", str(tiny_artifact), "--to", "onnx", "--out", str(out)]) == 0
     assert out.stat().st_size > 0

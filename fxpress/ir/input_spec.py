@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fxpress.errors import ArtifactError
 from fxpress.ir.graph import Inputs
 
 
@@ -32,7 +33,9 @@ def input_spec(inputs: Inputs) -> dict[str, Any] | None:
 
 
 def _draw(spec: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-    dtype = getattr(torch, spec["dtype"])
+    dtype = getattr(torch, str(spec.get("dtype")), None)
+    if not isinstance(dtype, torch.dtype) or not all(isinstance(s, int) and s >= 0 for s in spec.get("shape", [None])):
+        raise ArtifactError(f"input spec {spec!r} names no torch dtype and shape")
     if dtype.is_floating_point:
         return torch.randn(spec["shape"], generator=gen).to(dtype)
     return torch.randint(spec.get("low", 0), spec.get("high", 2), spec["shape"], generator=gen, dtype=dtype)
