@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from fxpress.backends.torch_load import load as _load
@@ -40,17 +39,6 @@ class CompressResult:
         return self.graph.module
 
 
-def _as_inputs(example_inputs: Any) -> Inputs:
-    if isinstance(example_inputs, Inputs):
-        return example_inputs
-    if hasattr(example_inputs, "args") and hasattr(example_inputs, "kwargs"):
-        return Inputs(tuple(example_inputs.args), dict(example_inputs.kwargs))
-    if isinstance(example_inputs, dict):
-        return Inputs((), dict(example_inputs))
-    if isinstance(example_inputs, torch.Tensor):
-        return Inputs((example_inputs,), {})
-    return Inputs(tuple(example_inputs), {})
-
 
 def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", *,
              calibration_inputs: list[Any] | None = None, verify: bool = True, **overrides: Any) -> CompressResult:
@@ -62,10 +50,10 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     validated before any pass runs; `model` is never modified.
     """
     recipe = make_recipe(recipe, **overrides)
-    example = _as_inputs(example_inputs)
+    example = Inputs.of(example_inputs)
     graph = capture(model, example.args, example.kwargs)
     if calibration_inputs:
-        graph.calibration = [_as_inputs(c) for c in calibration_inputs]
+        graph.calibration = [Inputs.of(c) for c in calibration_inputs]
     else:
         t_name = timestep_input(graph.input_names)
         count = getattr(recipe, "calibration", 1)

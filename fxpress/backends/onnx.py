@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxpress.backends.torch_load import load
+from fxpress.backends.targets import as_module
 from fxpress.errors import LoweringError
+from fxpress.ir.graph import Inputs
 from fxpress.kernels.packing import unpack_words
 
 DOMAIN = "fxpress"
@@ -227,7 +228,7 @@ def _module_path(node) -> str:
 
 def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any = None,
                 int2: bool = True) -> OnnxReport:
-    """Export a compressed model (module or artifact directory) to an ONNX file at `path`.
+    """Export a compressed model (artifact directory, Graph, CompressResult or module) to an ONNX file.
 
     `int2=False` keeps the file at opset 21 (INT4 at the narrowest), for runtimes without opset 25.
     `example_inputs` are the forward's inputs (an object with .args/.kwargs, a dict of kwargs, or a
@@ -236,8 +237,9 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
     """
     import onnx
 
-    module: nn.Module = load(target, model=model) if isinstance(target, (str, Path)) else target
-    args, kwargs = _split_inputs(example_inputs)
+    module = as_module(target, model)
+    inputs = Inputs.of(example_inputs)
+    args, kwargs = inputs.args, inputs.kwargs
     was_training = module.training
     module.eval()
     try:
@@ -278,16 +280,6 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
     return OnnxReport(path, size, opset, layers)
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    if hasattr(example_inputs, "args") and hasattr(example_inputs, "kwargs"):
-        return tuple(example_inputs.args), dict(example_inputs.kwargs)
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
-
-
 ORT_EXACT = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
@@ -299,7 +291,8 @@ def compare_with_onnxruntime(module: nn.Module, example_inputs: Any, path: str |
     """
     import onnxruntime as ort
 
-    args, kwargs = _split_inputs(example_inputs)
+    inputs = Inputs.of(example_inputs)
+    args, kwargs = inputs.args, inputs.kwargs
     with torch.no_grad():
         reference = module(*args, **kwargs)
     reference = _first_tensor(reference).float().numpy()

@@ -9,15 +9,13 @@ kernel or dequantize + cuBLAS/cuDNN, tuned per shape). On the CPU this needs TRI
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxpress.backends.torch_load import load
+from fxpress.backends.targets import as_module
 from fxpress.errors import LoweringError, LoweringWarning
-from fxpress.ir.graph import Graph
 from fxpress.kernels import ops
 from fxpress.kernels.kernel_config import interpreting
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
@@ -69,19 +67,6 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _as_module(target: Any, model: Any) -> nn.Module:
-    if isinstance(target, (str, Path)):
-        return load(target, model=model)
-    if isinstance(target, Graph):
-        return target.module
-    if isinstance(getattr(target, "graph", None), Graph):  # a CompressResult
-        return target.graph.module
-    if isinstance(target, nn.Module):
-        return target
-    raise LoweringError(f"lower() takes an artifact directory, a Graph, a CompressResult or an nn.Module, "
-                        f"not {type(target).__name__}")
-
-
 def lower(target: Any, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
           model: Any = None) -> nn.Module:
     """Return the compressed model on `device`, its low-bit layers running the Triton kernels.
@@ -93,7 +78,7 @@ def lower(target: Any, device: str | torch.device = "cuda", dtype: torch.dtype |
     """
     dev = torch.device(device)
     _check_device(dev)
-    module = _as_module(target, model)
+    module = as_module(target, model)
     layers = [(p, m) for p, m in module.named_modules() if isinstance(m, (LowBitLinear, LowBitConv2d))]
     if not layers:
         raise LoweringError(f"{type(module).__name__} holds no low-bit layers to lower; compress it first")

@@ -24,6 +24,19 @@ class Inputs:
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, value: Any) -> Inputs:
+        """Normalise inputs given as Inputs, an object with .args/.kwargs, a kwargs dict, a tensor or a tuple."""
+        if isinstance(value, Inputs):
+            return value
+        if hasattr(value, "args") and hasattr(value, "kwargs"):
+            return cls(tuple(value.args), dict(value.kwargs))
+        if isinstance(value, dict):
+            return cls((), dict(value))
+        if isinstance(value, torch.Tensor):
+            return cls((value,), {})
+        return cls(tuple(value), {})
+
 
 class Graph:
     """A captured model: the runnable `module`, its FX `graph_module`, and the layer view.

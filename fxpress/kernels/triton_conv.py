@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from fxpress.kernels.kernel_config import KernelConfig, dot_settings, magic_fp16
+from fxpress.kernels.ops import group_size
 from fxpress.kernels.triton_decode import accumulate, epilogue, load_weights, tile_ids
 
 
@@ -70,7 +71,7 @@ def lowbit_conv2d(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
     OW = conv_output_size(W, KW, stride[1], padding[1], dilation[1])
     K, M = C * KH * KW, B * OH * OW
     grouped = scale.dim() == 2
-    group = -(-K // scale.shape[1]) if grouped else 1
+    group = group_size(K, scale)
     y = torch.empty((B, N, OH, OW), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
                     and not x.is_contiguous() else torch.contiguous_format)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fxpress.kernels.ops import group_size
 from fxpress.kernels.triton_decode import load_weights
 
 
@@ -32,7 +33,7 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, width: int, offset: in
     """Return the dense (N, cols) weight (code - offset) * scale in `dtype`."""
     N = packed.shape[1]
     grouped = scale.dim() == 2
-    group = -(-cols // scale.shape[1]) if grouped else 1
+    group = group_size(cols, scale)
     out = torch.empty((N, cols), dtype=dtype, device=packed.device)
     grid = (triton.cdiv(cols, block_k), triton.cdiv(N, block_n))
     _dequant_kernel[grid](packed, scale, out, N, cols, packed.stride(0), packed.stride(1), scale.stride(0),

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fxpress.kernels.kernel_config import KernelConfig, dot_settings, magic_fp16
+from fxpress.kernels.ops import group_size
 from fxpress.kernels.triton_decode import accumulate, epilogue, load_weights, tile_ids
 
 
@@ -69,7 +70,7 @@ def gemm_arguments(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, b
             x.stride(0), x.stride(1), packed.stride(0), packed.stride(1),
             scale.stride(0), scale.stride(1) if grouped else 0,
             out.stride(0) if split > 1 else 0, out.stride(-2), out.stride(-1),
-            offset, -(-K // scale.shape[1]) if grouped else 1, split)
+            offset, group_size(K, scale), split)
     return y, split, args
 
 
