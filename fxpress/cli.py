@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fxpress.cli_export import add_export_parser
 from fxpress.errors import FxpressError
 
 console = Console(width=max(Console().width, 150))
@@ -98,43 +99,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from fxpress.backends import onnx as onnx_backend
-    from fxpress.backends.torch_load import load
-    from fxpress.errors import LoweringError
-    from fxpress.ir.artifact import artifact_bytes, read_manifest
-    from fxpress.ir.input_spec import inputs_from_spec
-
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LoweringError(f"{out} exists; pass --overwrite to replace it")
-    spec = read_manifest(args.artifact).get("inputs")
-    if not spec:
-        raise LoweringError(f"{args.artifact} records no example inputs (saved by an older fxpress); "
-                            "save it again to export it")
-    inputs = inputs_from_spec(spec)
-    start = time.perf_counter()
-    with console.status(f"exporting {args.artifact} to ONNX"):
-        model = load(args.artifact)
-        report = onnx_backend.export_onnx(model, inputs, out, int2=not args.no_int2)
-    table = Table(title=f"{out}: what each low-bit layer became")
-    for col in ("layer", "kind", "code bits", "stored as", "bytes"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    for layer in report.layers:
-        table.add_row(layer.module, layer.kind, str(layer.width), layer.stored_as, f"{layer.bytes:,}")
-    console.print(table)
-    artifact = artifact_bytes(args.artifact)
-    console.print(f"{out}: {report.file_bytes / 1e6:,.2f} MB (opset {report.opset}), "
-                  f"{report.file_bytes / artifact:.2f}x the fxpress artifact ({artifact / 1e6:,.2f} MB); "
-                  f"{time.perf_counter() - start:.1f} s")
-    if args.check:
-        errors = onnx_backend.compare_with_onnxruntime(model, inputs, out)
-        console.print(f"ONNX Runtime vs torch backend, rel. error: exact settings "
-                      f"({', '.join(f'{k}={v}' for k, v in onnx_backend.ORT_EXACT.items())}) {errors['exact']:.2e}; "
-                      f"default settings {errors['default']:.2e}")
-    return 0
-
-
 def _profile(args: argparse.Namespace) -> int:
     from fxpress.frontends import zoo
     from fxpress.frontends.capture import capture
@@ -172,14 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer table of an artifact")
     i.add_argument("dir")
     i.set_defaults(func=_inspect)
-    e = sub.add_parser("export", help="export an artifact to a deployment runtime's format")
-    e.add_argument("artifact", help="fxpress artifact directory")
-    e.add_argument("--to", choices=("onnx",), default="onnx", help="target format")
-    e.add_argument("--out", required=True, help="file to write")
-    e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--no-int2", action="store_true", help="stay at opset 21 (INT4 at the narrowest)")
-    e.add_argument("--check", action="store_true", help="run the file in ONNX Runtime and compare with torch")
-    e.set_defaults(func=_export)
+    add_export_parser(sub, console)
 
     p = sub.add_parser("profile", help="per-layer shapes, FLOPs and bytes of a zoo model")
     p.add_argument("model")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxpress.backends.targets import as_module
+from fxpress.backends.targets import as_module, first_tensor
 from fxpress.errors import LoweringError
 from fxpress.ir.graph import Inputs
 from fxpress.kernels.packing import unpack_words
@@ -295,7 +295,7 @@ def compare_with_onnxruntime(module: nn.Module, example_inputs: Any, path: str |
     args, kwargs = inputs.args, inputs.kwargs
     with torch.no_grad():
         reference = module(*args, **kwargs)
-    reference = _first_tensor(reference).float().numpy()
+    reference = first_tensor(reference).float().numpy()
     errors = {}
     for label, config in (("default", {}), ("exact", ORT_EXACT)):
         options = ort.SessionOptions()
@@ -307,13 +307,3 @@ def compare_with_onnxruntime(module: nn.Module, example_inputs: Any, path: str |
         out = session.run(None, dict(zip(names, values, strict=True)))[0]
         errors[label] = float(np.linalg.norm(out - reference) / max(np.linalg.norm(reference), 1e-12))
     return errors
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return _first_tensor(output[0])
-    if hasattr(output, "to_tuple"):
-        return _first_tensor(output.to_tuple()[0])
-    raise TypeError(f"cannot find a tensor in a {type(output).__name__} output")

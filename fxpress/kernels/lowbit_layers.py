@@ -41,6 +41,15 @@ class _LowBitBase(nn.Module):
         w = ops.dequantize(self.packed, self.scale, self.width, self.offset, self.cols)
         return w.reshape(self.weight_shape)
 
+    def to_dense(self) -> nn.Module:
+        """A float32 nn.Linear / nn.Conv2d computing what this layer computes (for runtimes without low-bit ops)."""
+        dense = self._empty_dense()
+        with torch.no_grad():
+            dense.weight.copy_(self.weight.to(torch.float32))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias.to(torch.float32))
+        return dense
+
 
 class LowBitLinear(_LowBitBase):
     """A linear layer whose weight is stored as low-bit codes with per-output-channel scales."""
@@ -53,6 +62,9 @@ class LowBitLinear(_LowBitBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op = ops.linear_reference if self.fallback else torch.ops.fxpress.lowbit_linear
         return op(x, self.packed, self.scale, self.bias, self.width, self.offset, self.in_features)
+
+    def _empty_dense(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, levels={self.levels}"
@@ -74,6 +86,10 @@ class LowBitConv2d(_LowBitBase):
         op = ops.conv2d_reference if self.fallback else torch.ops.fxpress.lowbit_conv2d
         return op(x, self.packed, self.scale, self.bias, self.width, self.offset, list(self.weight_shape),
                   self.stride, self.padding, self.dilation, self.groups)
+
+    def _empty_dense(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, levels={self.levels}"
