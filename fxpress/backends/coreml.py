@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxpress.backends.targets import as_module, locate_refused_op, replace_lowbit_layers
+from fxpress.backends.targets import ExportedLayer, as_module, locate_refused_op, replace_lowbit_layers
 from fxpress.errors import LoweringError
 from fxpress.ir.graph import Inputs
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
@@ -42,25 +42,13 @@ LAYERS_METADATA = "fxpress.palettized_layers"   # user-defined metadata: {consta
 
 
 @dataclass
-class CoreMLLayer:
-    """What one low-bit layer became in the mlpackage."""
-
-    module: str
-    kind: str
-    width: int
-    stored_as: str
-    bytes: int
-    reason: str = ""
-
-
-@dataclass
 class CoreMLReport:
     """The written mlpackage, its size, each low-bit layer's storage, and the palettized weights' largest error."""
 
     path: Path
     package_bytes: int
     precision: str
-    layers: list[CoreMLLayer] = field(default_factory=list)
+    layers: list[ExportedLayer] = field(default_factory=list)
     max_weight_error: float = 0.0   # max |LUT weight - fxpress weight| / max |fxpress weight|, over layers
 
 
@@ -80,17 +68,17 @@ def palette_bits(width: int) -> int | None:
     return next((b for b in PALETTE_BITS if b >= width), None)
 
 
-def _plan(name: str, layer: LowBitLinear | LowBitConv2d, element_bytes: int) -> tuple[nn.Module, CoreMLLayer]:
+def _plan(name: str, layer: LowBitLinear | LowBitConv2d, element_bytes: int) -> tuple[nn.Module, ExportedLayer]:
     kind = "linear" if isinstance(layer, LowBitLinear) else "conv2d"
     rows, numel = layer.weight_shape[0], int(np.prod(layer.weight_shape))
     bits = palette_bits(layer.width)
     reason = ("group-wise scales (a channel holds more values than one table)" if layer.scale.dim() != 1
               else "" if bits else f"{layer.width}-bit codes exceed Core ML's 8-bit palettes")
     if reason:
-        return layer.to_dense(), CoreMLLayer(name, kind, layer.width, f"fp{8 * element_bytes}",
+        return layer.to_dense(), ExportedLayer(name, kind, layer.width, f"fp{8 * element_bytes}",
                                              numel * element_bytes, reason)
     size = (numel * bits + 7) // 8 + rows * (1 << bits) * element_bytes
-    return layer.to_dense(), CoreMLLayer(name, kind, layer.width, f"LUT uint{bits} per channel", size)
+    return layer.to_dense(), ExportedLayer(name, kind, layer.width, f"LUT uint{bits} per channel", size)
 
 
 def _lut_function(bits: int, module: str):

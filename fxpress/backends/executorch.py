@@ -26,24 +26,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxpress.backends.targets import as_module, first_tensor, locate_refused_op, module_path, replace_lowbit_layers
+from fxpress.backends.targets import (
+    ExportedLayer,
+    as_module,
+    first_tensor,
+    locate_refused_op,
+    module_path,
+    replace_lowbit_layers,
+)
 from fxpress.errors import LoweringError
 from fxpress.ir.graph import Inputs
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 
 WEIGHT_MODES = ("lowbit", "float")
-
-
-@dataclass
-class ExecuTorchLayer:
-    """What one low-bit layer became in the .pte."""
-
-    module: str
-    kind: str
-    width: int
-    stored_as: str
-    bytes: int
-    reason: str = ""
 
 
 @dataclass
@@ -55,7 +50,7 @@ class ExecuTorchReport:
     weights: str
     delegated_calls: int
     portable_ops: list[str] = field(default_factory=list)
-    layers: list[ExecuTorchLayer] = field(default_factory=list)
+    layers: list[ExportedLayer] = field(default_factory=list)
 
 
 def _require_executorch() -> None:
@@ -84,7 +79,7 @@ def _lowbit_choice(layer: LowBitLinear | LowBitConv2d) -> tuple[int, int, str] |
     return f"codes in [{low}, {high}] exceed XNNPACK's [-127, 127]"
 
 
-def _convert_layer(name: str, layer: LowBitLinear | LowBitConv2d, weights: str) -> tuple[nn.Module, ExecuTorchLayer]:
+def _convert_layer(name: str, layer: LowBitLinear | LowBitConv2d, weights: str) -> tuple[nn.Module, ExportedLayer]:
     """The module that replaces `layer` in the exported copy, and the report row saying what it became."""
     from fxpress.backends.executorch_layers import XnnpackConv2d, XnnpackLinear
 
@@ -93,7 +88,7 @@ def _convert_layer(name: str, layer: LowBitLinear | LowBitConv2d, weights: str) 
     bias_bytes = 4 * rows if layer.bias is not None else 0
     choice = "float weights requested" if weights == "float" else _lowbit_choice(layer)
     if isinstance(choice, str):
-        return layer.to_dense(), ExecuTorchLayer(name, kind, layer.width, "fp32", 4 * numel + bias_bytes,
+        return layer.to_dense(), ExportedLayer(name, kind, layer.width, "fp32", 4 * numel + bias_bytes,
                                                  "" if weights == "float" else choice)
     qmin, qmax, label = choice
     codes = layer.codes().reshape(layer.weight_shape)
@@ -103,10 +98,10 @@ def _convert_layer(name: str, layer: LowBitLinear | LowBitConv2d, weights: str) 
         replacement = XnnpackConv2d(codes, layer.scale, layer.bias, qmin, qmax, layer.stride, layer.padding,
                                     layer.dilation)
     code_bytes = (numel + 1) // 2 if qmax == 7 else numel
-    return replacement, ExecuTorchLayer(name, kind, layer.width, label, code_bytes + 4 * rows + bias_bytes)
+    return replacement, ExportedLayer(name, kind, layer.width, label, code_bytes + 4 * rows + bias_bytes)
 
 
-def convert_for_executorch(module: nn.Module, weights: str = "lowbit") -> tuple[nn.Module, list[ExecuTorchLayer]]:
+def convert_for_executorch(module: nn.Module, weights: str = "lowbit") -> tuple[nn.Module, list[ExportedLayer]]:
     """Return a copy of `module` with each low-bit layer replaced for XNNPACK, and what each became."""
     if weights not in WEIGHT_MODES:
         raise LoweringError(f"weights must be one of {WEIGHT_MODES}, not {weights!r}")

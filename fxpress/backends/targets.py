@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,19 @@ from fxpress.ir.graph import Graph
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 
 Row = TypeVar("Row")
+
+
+@dataclass
+class ExportedLayer:
+    """What one low-bit layer became in an exported file; `reason` says why it could not stay low-bit."""
+
+    module: str
+    kind: str
+    width: int
+    stored_as: str
+    bytes: int
+    reason: str = ""
+
 Converter = Callable[[str, LowBitLinear | LowBitConv2d], tuple[nn.Module, Row]]
 
 
