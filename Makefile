@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fxpress-installed
 # The CPU build of torch lies on this machine's disk; any other version pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
+DEMO_QAT ?= 400,200
 
 .PHONY: setup demo test lint bench clean
 
@@ -17,9 +18,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The trained digits testbed UNet at 1.99 bits with two-stage QAT, then FP32 and compressed samples side by side.
 demo: setup
-	$(BIN)/fxpress compress tiny-unet --recipe bitsfusion --target-bits 1.99 --sensitivity hybrid --out artifacts/tiny-unet --overwrite
-	$(BIN)/fxpress inspect artifacts/tiny-unet
+	$(BIN)/fxpress compress testbed-digits-unet --recipe bitsfusion --target-bits 1.99 --sensitivity hybrid --qat $(DEMO_QAT) --out artifacts/digits-1.99bit --overwrite
+	$(BIN)/fxpress inspect artifacts/digits-1.99bit
+	$(BIN)/fxpress bench quality testbed-digits-unet artifacts/digits-1.99bit --png artifacts/digits-samples.png
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -14,10 +14,13 @@ from fxpress.frontends.capture import capture
 from fxpress.ir.graph import Graph, Inputs
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.pipeline import Pipeline
+from fxpress.passes.quant.qat_config import QATConfig
 from fxpress.recipes import BitsFusionRecipe, UniformRecipe, make_recipe
+from fxpress.training.diffusion_data import DiffusionData
 
 __all__ = [
-    "AllocationError", "ArtifactError", "BitsFusionRecipe", "CaptureError", "CompressResult", "FxpressError",
-    "Graph", "Inputs", "Pass", "PassError", "PassResult", "Pipeline", "PipelineOrderError", "RecipeError",
+    "AllocationError", "ArtifactError", "BitsFusionRecipe", "CaptureError", "CompressResult", "DiffusionData",
+    "FxpressError", "Graph", "Inputs", "Pass", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
+    "QATConfig", "RecipeError",
     "UniformRecipe", "capture", "compress", "load", "make_recipe", "save",
 ]

@@ -23,6 +23,7 @@ from fxpress.passes.quant.allocate_bits import weights_only_bits
 from fxpress.passes.quant.select_layers import SPECIAL, resolve_keep
 from fxpress.plots import bits_per_layer_png
 from fxpress.recipes import Recipe, make_recipe
+from fxpress.training.diffusion_data import DiffusionData
 
 
 @dataclass
@@ -41,17 +42,22 @@ class CompressResult:
 
 
 def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", *,
-             calibration_inputs: list[Any] | None = None, verify: bool = True, **overrides: Any) -> CompressResult:
+             calibration_inputs: list[Any] | None = None, verify: bool = True,
+             training_data: DiffusionData | None = None, **overrides: Any) -> CompressResult:
     """Capture `model`, run the recipe's passes on a copy and return a CompressResult.
 
     `example_inputs` is a tuple of args, a dict of kwargs, or an object with `.args`/`.kwargs`;
     `calibration_inputs` (same forms) default to the example at timesteps spread over the schedule.
     Overrides such as `target_bits=1.99` replace recipe fields. The recipe and its layer names are
-    validated before any pass runs; `model` is never modified.
+    validated before any pass runs; `model` is never modified. A recipe with `qat` settings trains
+    on `training_data` (a DiffusionData), in one process or under torchrun.
     """
     recipe = make_recipe(recipe, **overrides)
     example = Inputs.of(example_inputs)
+    if recipe.qat is not None and training_data is None:
+        raise RecipeError("the recipe asks for quantization-aware training (qat) but no training_data was given")
     graph = capture(model, example.args, example.kwargs)
+    graph.training_data = training_data
     if calibration_inputs:
         graph.calibration = [Inputs.of(c) for c in calibration_inputs]
     else:
@@ -61,6 +67,7 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     keep_names = [k for k in recipe.keep if k not in SPECIAL]
     resolve_keep(graph, keep_names)  # raises RecipeError for an unknown layer name before any work
     new_graph, report = Pipeline(recipe.passes(), verify=verify).run(graph)
+    new_graph.training_data = None
     summary = {"recipe": recipe.name, "weights_only_bits": weights_only_bits(new_graph),
                "model_params": sum(p.numel() for p in model.parameters())}
     if verify:  # the Pipeline measured each transform against the original; the last one is the result

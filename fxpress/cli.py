@@ -1,9 +1,10 @@
-"""The `fxpress` command: compress, inspect, export, profile, zoo."""
+"""The `fxpress` command: compress, inspect, export, bench, profile, zoo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fxpress.cli_bench import add_bench_parser
 from fxpress.cli_export import add_export_parser
 from fxpress.errors import FxpressError
 
@@ -29,19 +31,38 @@ def _compress(args: argparse.Namespace) -> int:
     overrides = {"target_bits": args.target_bits, "eta": args.eta, "sensitivity": args.sensitivity}
     if args.budget_mb is not None:
         overrides.update(budget_bytes=int(args.budget_mb * 1e6), target_bits=None)
+    if args.qat is not None:
+        overrides["qat"] = _qat_steps(args.qat)
     recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
     entry = zoo.get(args.model)
+    training_data = getattr(entry, "training_data", None)
+    if recipe.qat is not None and training_data is None:
+        raise FxpressError(f"{args.model} has no training data for QAT; use a testbed model "
+                           f"({', '.join(n for n, e in zoo.ZOO.items() if hasattr(e, 'training_data'))})")
     start = time.perf_counter()
     model = entry.build(seed=args.seed)
     example = entry.example_inputs(seed=args.seed)
     console.log(f"built {args.model}: {sum(p.numel() for p in model.parameters()):,} params "
                 f"in {time.perf_counter() - start:.1f} s")
     torch.set_grad_enabled(False)
-    result = compress(model, example, recipe, verify=not args.no_verify)
+    calibration = entry.calibration_inputs(getattr(recipe, "calibration", 1)) if training_data else None
+    result = compress(model, example, recipe, verify=not args.no_verify, calibration_inputs=calibration,
+                      training_data=training_data() if recipe.qat is not None else None)
     result.summary["model"] = args.model
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, the main process writes the artifact
+        return 0
     info = save(result, args.out, overwrite=args.overwrite)
     _print_report(result, info, time.perf_counter() - start)
     return 0
+
+
+def _qat_steps(text: str) -> dict:
+    """Parse --qat 'STAGE1,STAGE2' (steps of each QAT stage) into recipe qat settings."""
+    try:
+        stage1, stage2 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise FxpressError(f"--qat takes two step counts 'STAGE1,STAGE2', got {text!r}") from None
+    return {"stage1_steps": stage1, "stage2_steps": stage2}
 
 
 def _print_report(result, info, seconds: float) -> None:
@@ -128,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-mb", type=float, default=None, help="artifact byte budget instead of a bit target")
     c.add_argument("--eta", type=float, default=None, help="parameter-size factor of the allocator")
     c.add_argument("--sensitivity", choices=("local", "hybrid", "e2e"), default=None)
+    c.add_argument("--qat", default=None, metavar="STAGE1,STAGE2",
+                   help="quantization-aware training with these step counts (testbed models; a recipe's [qat] "
+                        "table sets the rest)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="artifact directory to write")
     c.add_argument("--overwrite", action="store_true")
@@ -137,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.set_defaults(func=_inspect)
     add_export_parser(sub, console)
+    add_bench_parser(sub, console)
 
     p = sub.add_parser("profile", help="per-layer shapes, FLOPs and bytes of a zoo model")
     p.add_argument("model")

@@ -12,6 +12,8 @@ from fxpress.ir.annotations import GRIDS, QuantSpec
 from fxpress.passes.base import Pass
 from fxpress.passes.quant.allocate_bits import AllocateBits
 from fxpress.passes.quant.assign_uniform import AssignUniform
+from fxpress.passes.quant.qat import QuantAwareTraining
+from fxpress.passes.quant.qat_config import QATConfig
 from fxpress.passes.quant.quantize import QuantizeWeights, RoundToStorage
 from fxpress.passes.quant.select_layers import SelectLayers
 from fxpress.passes.quant.time_cache import CacheTimeEmbedding
@@ -42,6 +44,7 @@ class BitsFusionRecipe:
     time_cache_max_ratio: float | None = 2.0  # skip the cache if its table outweighs 2x the fp16 MLP
     storage_dtype: str = "float16"
     codec: str = "rans"
+    qat: QATConfig | None = None  # two-stage quantization-aware training instead of rounding once
     version: int = RECIPE_VERSION
 
     def options(self) -> tuple[str, ...]:
@@ -85,7 +88,7 @@ class BitsFusionRecipe:
             MeasureSensitivity(self.sensitivity, self.options(), self.calibration, self.scale_init),
             AllocateBits(self.target_bits, self.budget_bytes, self.options(), self.eta, self.sensitivity,
                          self.scale_init, cost_model="entropy" if self.codec == "rans" else "log2"),
-            QuantizeWeights(),
+            _quantize(self.qat),
             RoundToStorage(self.storage_dtype),
         ]
 
@@ -102,6 +105,7 @@ class UniformRecipe:
     cache_time_embedding: bool = False
     storage_dtype: str = "float16"
     codec: str = "rans"
+    qat: QATConfig | None = None
     version: int = RECIPE_VERSION
 
     def validate(self) -> UniformRecipe:
@@ -117,11 +121,16 @@ class UniformRecipe:
         """Return the pass list this recipe stands for."""
         spec = QuantSpec(self.bits, self.grid, scale_init=self.scale_init)
         return [*([CacheTimeEmbedding()] if self.cache_time_embedding else []), SelectLayers(list(self.keep)),
-                AssignUniform(spec), QuantizeWeights(), RoundToStorage(self.storage_dtype)]
+                AssignUniform(spec), _quantize(self.qat), RoundToStorage(self.storage_dtype)]
 
 
 RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe}
 Recipe = BitsFusionRecipe | UniformRecipe
+
+
+def _quantize(qat: QATConfig | None) -> Pass:
+    """Round once (post-training), or train with fake quantization first."""
+    return QuantizeWeights() if qat is None else QuantAwareTraining(qat)
 
 
 def _common_checks(recipe: Any) -> None:
@@ -133,6 +142,8 @@ def _common_checks(recipe: Any) -> None:
         raise RecipeError(f"storage_dtype must be float16, bfloat16 or float32, got {recipe.storage_dtype!r}")
     if recipe.codec not in ("rans", "radix"):
         raise RecipeError(f"codec must be 'rans' (entropy-coded) or 'radix' (fixed rate), got {recipe.codec!r}")
+    if recipe.qat is not None and not isinstance(recipe.qat, QATConfig):
+        raise RecipeError(f"qat must be a QATConfig or a table of its fields, got {type(recipe.qat).__name__}")
     if any(not isinstance(k, str) or not k for k in recipe.keep):
         raise RecipeError(f"keep entries must be non-empty strings, got {list(recipe.keep)}")
 
@@ -161,12 +172,17 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
         if name not in RECIPES:
             raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
         base = RECIPES[name]()
+    if isinstance(overrides.get("qat"), dict):  # --qat steps refine a recipe's [qat] table, not replace it
+        earlier = data.get("qat") or (vars(base.qat) if base.qat is not None else {})
+        overrides = {**overrides, "qat": {**earlier, **overrides["qat"]}}
     data.update(overrides)
     known = {f.name for f in fields(base)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"unknown recipe field(s) {unknown} for {base.name!r}; known: {sorted(known)}")
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if "qat" in data:
+        data["qat"] = QATConfig.of(data["qat"])
     if data.get("budget_bytes") is not None and "target_bits" not in data:
         data["target_bits"] = None
     try:

@@ -101,6 +101,53 @@ class ZooEntry:
         return [self.inputs_fn(gen, fraction) for fraction in steps]
 
 
+@dataclass
+class TestbedEntry:
+    """A trained testbed UNet (fxpress.testbed): committed weights, real example and calibration inputs,
+    and training data for quantization-aware training."""
+
+    name: str
+    description: str
+    testbed: str
+    timestep_key: str = "timestep"
+
+    def _loaded(self):
+        from fxpress.testbed.models import load_testbed
+
+        cache = _TESTBEDS.get(self.testbed)
+        if cache is None:
+            cache = _TESTBEDS[self.testbed] = load_testbed(self.testbed)
+        return cache
+
+    def build(self, seed: int = 0, weights: str = "trained") -> nn.Module:
+        """Return a fresh copy of the trained UNet (`seed` and `weights` are ignored: the weights are trained)."""
+        import copy
+
+        return copy.deepcopy(self._loaded().unet).eval()
+
+    def example_inputs(self, seed: int = 0) -> ExampleInputs:
+        """Return two real training images noised to t=500 with their caption embeddings."""
+        from fxpress.testbed.training_data import noisy_inputs
+
+        return ExampleInputs(kwargs=noisy_inputs(self._loaded(), [500], seed)[0])
+
+    def calibration_inputs(self, count: int = 4, seed: int = 1) -> list[ExampleInputs]:
+        """Return `count` real noised inputs at timesteps spread evenly over the schedule."""
+        from fxpress.testbed.training_data import noisy_inputs
+
+        steps = [int((i + 0.5) * 1000 / count) for i in range(count)]
+        return [ExampleInputs(kwargs=k) for k in noisy_inputs(self._loaded(), steps, seed)]
+
+    def training_data(self):
+        """Return the testbed's DiffusionData (training images and caption embeddings)."""
+        from fxpress.testbed.training_data import diffusion_data
+
+        return diffusion_data(self._loaded())
+
+
+_TESTBEDS: dict[str, Any] = {}
+
+
 def init_trained_like(model: nn.Module, seed: int) -> None:
     """Redraw linear/conv weights from a normal law with the default init's variance.
 
@@ -164,7 +211,7 @@ def _clip_text() -> nn.Module:
     return CLIPTextModel(CLIPTextConfig(**SD15_CLIP_TEXT_CONFIG))
 
 
-ZOO: dict[str, ZooEntry] = {
+ZOO: dict[str, ZooEntry | TestbedEntry] = {
     "sd15-unet": ZooEntry("sd15-unet", "diffusers UNet2DConditionModel, Stable Diffusion 1.5 config",
                           _unet(SD15_UNET_CONFIG), _unet_inputs(SD15_UNET_CONFIG), "timestep"),
     "tiny-unet": ZooEntry("tiny-unet", "diffusers UNet2DConditionModel, two levels, a few M params",
@@ -173,10 +220,13 @@ ZOO: dict[str, ZooEntry] = {
                       _dit, _dit_inputs, "timestep"),
     "clip-text": ZooEntry("clip-text", "transformers CLIPTextModel, SD-1.5 text encoder config",
                           _clip_text, _clip_inputs, None),
+    "testbed-digits-unet": TestbedEntry("testbed-digits-unet", "trained UNet2DConditionModel of the digits "
+                                        "testbed (16x16, caption-conditioned through a small CLIPTextModel)",
+                                        "digits"),
 }
 
 
-def get(name: str) -> ZooEntry:
+def get(name: str) -> ZooEntry | TestbedEntry:
     """Return the zoo entry called `name`; raises RecipeError listing the known names."""
     if name not in ZOO:
         raise RecipeError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")

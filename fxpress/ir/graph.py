@@ -57,6 +57,7 @@ class Graph:
         self.input_names = input_names or []
         self.provided: set[str] = {"layers"}
         self.extras: dict[str, Any] = {}
+        self.training_data: Any = None  # shared, not copied: what training passes (QAT) learn from
         self.layers: dict[str, Layer] = find_layers(graph_module.graph, param_names)
 
     def nodes_of(self, path: str) -> list[fx.Node]:

@@ -1,0 +1,59 @@
+"""The diffusion schedule of the testbeds and classifier-free-guided DDIM sampling (diffusers schedulers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                            "prediction_type": "epsilon"}
+
+
+def training_scheduler() -> DDPMScheduler:
+    """Return the noise schedule the testbed models are trained with."""
+    return DDPMScheduler(**SCHEDULE, clip_sample=True)
+
+
+def predict_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
+                  hidden: torch.Tensor) -> torch.Tensor:
+    """Return the noise prediction of a UNet-like model (diffusers output, tuple or tensor)."""
+    out = unet(sample=sample, timestep=timestep, encoder_hidden_states=hidden)
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def guided_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Return eps(x, ∅) + guidance · (eps(x, c) − eps(x, ∅)), both branches in one batch."""
+    both = predict_noise(unet, torch.cat([sample, sample]), torch.cat([timestep, timestep]),
+                         torch.cat([uncond.expand_as(cond), cond]))
+    eps_u, eps_c = both.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def sample_images(unet: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, int, int], *,
+                  steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250) -> torch.Tensor:
+    """Return len(cond) images (N, C, H, W) in [-1, 1] drawn with DDIM (eta 0) and CFG.
+
+    Image i starts from the noise of generator seed+i, so two models given the same seed and
+    prompts start from the same noise (paired comparison).
+    """
+    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=True, set_alpha_to_one=False)
+    scheduler.set_timesteps(steps)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(cond.shape[0])])
+    out = []
+    for lo in range(0, cond.shape[0], batch):
+        x = noise[lo:lo + batch].clone()
+        c = cond[lo:lo + batch]
+        for t in scheduler.timesteps:
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+            eps = guided_noise(unet, x, tt, c, uncond, guidance)
+            x = scheduler.step(eps, t, x).prev_sample
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)

@@ -1,0 +1,82 @@
+"""The two testbeds as data: dataset, vocabulary, model configs, evaluation prompts and sampler settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fxpress.errors import FxpressError
+from fxpress.testbed import digits, shapes
+from fxpress.testbed.dataset import ImageSet
+
+
+@dataclass(frozen=True)
+class TestbedSpec:
+    """Everything that defines one testbed; the trained weights live in `weights/<name>/`."""
+
+    name: str
+    load_split: Callable[[str], ImageSet]
+    words: tuple[str, ...]
+    max_length: int
+    channels: int
+    resolution: int
+    factors: dict[str, int]
+    prompts: Callable[[], list[tuple[str, dict[str, int]]]]
+    unet: dict[str, Any] = field(default_factory=dict)
+    text_width: int = 64
+    guidance: float = 1.5
+    sample_steps: int = 25
+    train: dict[str, Any] = field(default_factory=dict)
+
+    __test__ = False  # not a pytest class
+
+
+def _digit_prompts() -> list[tuple[str, dict[str, int]]]:
+    return [(digits.caption(d), {"digit": d}) for d in range(10)]
+
+
+def _shape_prompts() -> list[tuple[str, dict[str, int]]]:
+    out = []
+    for s in range(len(shapes.SHAPES)):
+        for c in range(len(shapes.COLOURS)):
+            size, position = (s + c) % 2, (s * 3 + c) % 4  # 24 prompts covering every value of every factor
+            out.append((shapes.caption(s, c, size, position),
+                        {"shape": s, "colour": c, "size": size, "position": position}))
+    return out
+
+
+def _unet(channels: int, resolution: int, widths: tuple[int, ...], groups: int) -> dict[str, Any]:
+    attn = ["CrossAttnDownBlock2D"] * (len(widths) - 1)
+    return {"sample_size": resolution, "in_channels": channels, "out_channels": channels,
+            "down_block_types": ["DownBlock2D", *attn], "up_block_types": [*["CrossAttnUpBlock2D"] * len(attn),
+                                                                          "UpBlock2D"],
+            "block_out_channels": list(widths), "layers_per_block": 1, "cross_attention_dim": 64,
+            "attention_head_dim": 8, "norm_num_groups": groups}
+
+
+DIGITS = TestbedSpec(
+    name="digits", load_split=digits.load_digits_split, words=("a", "handwritten", *digits.WORDS),
+    max_length=6, channels=1, resolution=digits.SIZE, factors={"digit": 10}, prompts=_digit_prompts,
+    unet=_unet(1, digits.SIZE, (32, 64), 16),
+    train={"steps": 4000, "batch": 64, "lr": 1e-3, "ema": 0.999, "caption_dropout": 0.1, "seed": 0,
+           "classifier_steps": 1500},
+)
+
+SHAPES = TestbedSpec(
+    name="shapes", load_split=shapes.load_shapes_split,
+    words=("a", "at", "the", *shapes.SIZES, *shapes.COLOURS, *shapes.SHAPES, "top", "bottom", "left", "right"),
+    max_length=10, channels=3, resolution=shapes.SIZE, factors=dict(shapes.FACTORS), prompts=_shape_prompts,
+    unet=_unet(3, shapes.SIZE, (32, 64, 64), 16),
+    train={"steps": 4000, "batch": 64, "lr": 1e-3, "ema": 0.999, "caption_dropout": 0.1, "seed": 0,
+           "classifier_steps": 1500},
+)
+
+TESTBEDS = {spec.name: spec for spec in (DIGITS, SHAPES)}
+
+
+def get_spec(name: str) -> TestbedSpec:
+    """Return the testbed called `name`; raises FxpressError listing the known ones."""
+    if name not in TESTBEDS:
+        raise FxpressError(f"unknown testbed {name!r}; known: {', '.join(TESTBEDS)}")
+    return TESTBEDS[name]

@@ -1,0 +1,103 @@
+"""The testbed: datasets, tokenizer, metrics, the committed trained weights and `fxpress bench quality`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fxpress.errors import ArtifactError, FxpressError
+from fxpress.testbed import shapes
+from fxpress.testbed.quality import frechet_distance
+from fxpress.testbed.text import END, PAD, START, WordTokenizer
+
+
+def test_digit_splits_are_disjoint_and_scaled():
+    from fxpress.testbed.digits import WORDS, load_digits_split
+
+    train, test = load_digits_split("train"), load_digits_split("test")
+    assert len(train) + len(test) == 1797 and len(test) == 300
+    assert train.images.shape[1:] == (1, 16, 16) and -1 <= float(train.images.min()) <= float(train.images.max()) <= 1
+    flat = {tuple(x.flatten().tolist()) for x in test.images}
+    assert not any(tuple(x.flatten().tolist()) in flat for x in train.images[:300])
+    assert train.captions[0] == f"a handwritten {WORDS[int(train.factors['digit'][0])]}"
+
+
+def test_shapes_are_drawn_from_their_factors():
+    images = shapes.make_shapes(64, seed=5)
+    assert images.images.shape == (64, 3, 32, 32)
+    assert images.captions == [shapes.caption(*(int(images.factors[k][i]) for k in shapes.FACTORS)) for i in range(64)]
+    for i in range(64):  # the quadrant the caption names holds the shape's colour; the opposite one is background
+        position, colour = int(images.factors["position"][i]), int(images.factors["colour"][i])
+        y, x = (8, 8) if position == 0 else (8, 24) if position == 1 else (24, 8) if position == 2 else (24, 24)
+        rgb = torch.tensor(list(shapes.COLOURS.values())[colour]) * 2 - 1
+        crop = images.images[i, :, y - 3:y + 4, x - 3:x + 4].reshape(3, -1)
+        assert (crop - rgb[:, None]).abs().max(0).values.min() < 0.05
+        far = images.images[i, :, 31 - y, 31 - x]
+        assert torch.allclose(far, torch.full((3,), 0.08 * 2 - 1), atol=1e-6)
+    assert torch.equal(shapes.make_shapes(64, seed=5).images, images.images)  # reproducible
+
+
+def test_tokenizer_round_trip_and_errors():
+    tok = WordTokenizer(["a", "red", "circle"], max_length=5)
+    ids = tok(["a red circle", ""])
+    assert ids.tolist() == [[START, 3, 4, 5, END], [START, END, PAD, PAD, PAD]]
+    with pytest.raises(FxpressError, match="outside the testbed vocabulary"):
+        tok(["a blue circle"])
+    with pytest.raises(FxpressError, match="longer"):
+        tok(["a red red circle"])
+
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 6))
+    assert frechet_distance(a, a) < 1e-8
+    shifted = a + np.array([1.0, 0, 0, 0, 0, 2.0])
+    assert frechet_distance(a, shifted) == pytest.approx(5.0, rel=1e-6)
+    scaled = a * 2  # |mu|^2 + tr(S) + tr(4S) - 2 tr(2S) = |mu|^2 + tr(S)
+    expected = (a.mean(0) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, scaled) == pytest.approx(expected, rel=1e-9)
+
+
+def test_committed_weights_load_and_record_their_training():
+    from fxpress.testbed import load_testbed
+
+    testbed = load_testbed("digits")
+    record = testbed.record
+    assert record["classifier_heldout_accuracy"] >= 0.95
+    assert record["quality"]["accuracy"] >= 0.9
+    assert sum(record["params"].values()) == sum(p.numel() for m in testbed.parts().values() for p in m.parameters())
+    assert not any(p.requires_grad for p in testbed.unet.parameters())
+
+
+def test_missing_weights_are_a_typed_error(tmp_path):
+    from fxpress.testbed import load_testbed
+
+    with pytest.raises(ArtifactError, match="train them with"):
+        load_testbed("digits", tmp_path)
+
+
+def test_bench_quality_compares_fp32_and_an_artifact(tmp_path):
+    """The FP32 testbed UNet reaches >= 90% sample accuracy; an artifact is judged on the same seeds."""
+    from fxpress.cli import main
+
+    artifact = tmp_path / "ptq"
+    assert main(["compress", "testbed-digits-unet", "--recipe", "uniform", "--out", str(artifact),
+                 "--no-verify"]) == 0
+    png, report = tmp_path / "grid.png", tmp_path / "quality.json"
+    assert main(["bench", "quality", "testbed-digits-unet", str(artifact), "--per-prompt", "10",
+                 "--png", str(png), "--json", str(report)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads(report.read_text())
+    fp32 = results["testbed-digits-unet (fp32)"]
+    assert fp32["accuracy"] >= 0.9 and fp32["samples"] == 100
+    assert len(results) == 2
+
+
+def test_bench_quality_refuses_untrained_models(tiny_artifact):
+    from fxpress.cli import main
+
+    assert main(["bench", "quality", "tiny-unet"]) == 2
+    assert main(["bench", "quality", str(tiny_artifact)]) == 2
