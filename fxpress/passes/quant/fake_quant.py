@@ -38,7 +38,12 @@ class _FakeQuant:
     weight: nn.Parameter
     log_scale: nn.Parameter
 
-    def _init_quant(self, spec: QuantSpec, scale: torch.Tensor) -> None:
+    @torch.no_grad()
+    def _adopt(self, source: nn.Module, spec: QuantSpec, scale: torch.Tensor) -> None:
+        """Take `source`'s weight and bias, and start the quantizer at `scale`."""
+        self.weight.copy_(source.weight)
+        if source.bias is not None:
+            self.bias.copy_(source.bias)
         self.spec = spec
         self.scale_dtype = getattr(torch, spec.scale_dtype)
         smallest = float(torch.finfo(self.scale_dtype).smallest_normal)
@@ -76,11 +81,7 @@ class FakeQuantLinear(nn.Linear, _FakeQuant):
     def __init__(self, source: nn.Linear, spec: QuantSpec, scale: torch.Tensor):
         super().__init__(source.in_features, source.out_features, source.bias is not None,
                          device=source.weight.device, dtype=torch.float32)
-        with torch.no_grad():
-            self.weight.copy_(source.weight)
-            if source.bias is not None:
-                self.bias.copy_(source.bias)
-        self._init_quant(spec, scale)
+        self._adopt(source, spec, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -93,11 +94,7 @@ class FakeQuantConv2d(nn.Conv2d, _FakeQuant):
         super().__init__(source.in_channels, source.out_channels, source.kernel_size, source.stride,
                          source.padding, source.dilation, source.groups, source.bias is not None,
                          device=source.weight.device, dtype=torch.float32)
-        with torch.no_grad():
-            self.weight.copy_(source.weight)
-            if source.bias is not None:
-                self.bias.copy_(source.bias)
-        self._init_quant(spec, scale)
+        self._adopt(source, spec, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)

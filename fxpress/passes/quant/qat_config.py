@@ -10,7 +10,7 @@ from fxpress.errors import RecipeError
 
 @dataclass(frozen=True)
 class QATConfig:
-    """Two-stage QAT (BitsFusion §3.3–3.4, PAPERS.md §1 steps 7–8).
+    """Two-stage QAT (BitsFusion; PAPERS.md §1 steps 7–8).
 
     Stage I distils from the frozen full-precision teacher: with `cfg_distill`, the student's guided
     noise prediction eps(x,∅) + w·(eps(x,c) − eps(x,∅)) must match the teacher's (w drawn from
