@@ -109,3 +109,11 @@ def test_pass_without_data_names_itself(tiny_unet):
     passes = [SelectLayers(["first", "last"]), AssignUniform(QuantSpec(2)), QuantAwareTraining(QATConfig())]
     with pytest.raises(PassError, match="QuantAwareTraining.*|training data"):
         Pipeline(passes).run(graph)
+
+
+def test_cli_qat_needs_a_testbed_model_and_two_step_counts(tmp_path):
+    from fxpress.cli import main
+
+    assert main(["compress", "tiny-unet", "--qat", "3,1", "--out", str(tmp_path / "a")]) == 2
+    assert main(["compress", "testbed-digits-unet", "--qat", "three", "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -101,3 +101,18 @@ def test_bench_quality_refuses_untrained_models(tiny_artifact):
 
     assert main(["bench", "quality", "tiny-unet"]) == 2
     assert main(["bench", "quality", str(tiny_artifact)]) == 2
+
+
+def test_shapes_testbed_models_fit_their_data():
+    """The (not yet trained) shapes testbed: captions tokenize, the UNet and classifier take its images."""
+    from fxpress.testbed import build_testbed
+    from fxpress.testbed.sampling import predict_noise
+
+    testbed = build_testbed("shapes")
+    images = shapes.make_shapes(4, seed=0)
+    with torch.no_grad():
+        hidden = testbed.encode(images.captions)
+        eps = predict_noise(testbed.unet, images.images, torch.tensor([1, 10, 100, 999]), hidden)
+        logits = testbed.classifier(images.images)
+    assert eps.shape == images.images.shape and hidden.shape == (4, 10, 64)
+    assert {k: v.shape[1] for k, v in logits.items()} == shapes.FACTORS
