@@ -46,11 +46,12 @@ def _shape_prompts() -> list[tuple[str, dict[str, int]]]:
     return out
 
 
-def _unet(channels: int, resolution: int, widths: tuple[int, ...], groups: int) -> dict[str, Any]:
-    attn = ["CrossAttnDownBlock2D"] * (len(widths) - 1)
+def _unet(channels: int, resolution: int, widths: tuple[int, ...], groups: int, attention: int = 1) -> dict[str, Any]:
+    """Return a UNet config with cross-attention in the `attention` lowest-resolution levels (and the mid block)."""
+    plain = len(widths) - attention
     return {"sample_size": resolution, "in_channels": channels, "out_channels": channels,
-            "down_block_types": ["DownBlock2D", *attn], "up_block_types": [*["CrossAttnUpBlock2D"] * len(attn),
-                                                                          "UpBlock2D"],
+            "down_block_types": ["DownBlock2D"] * plain + ["CrossAttnDownBlock2D"] * attention,
+            "up_block_types": ["CrossAttnUpBlock2D"] * attention + ["UpBlock2D"] * plain,
             "block_out_channels": list(widths), "layers_per_block": 1, "cross_attention_dim": 64,
             "attention_head_dim": 8, "norm_num_groups": groups}
 
