@@ -8,6 +8,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
+from fxpress.ir.graph import output_tensors
+
 SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
                             "prediction_type": "epsilon"}
 
@@ -20,10 +22,7 @@ def training_scheduler() -> DDPMScheduler:
 def predict_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
                   hidden: torch.Tensor) -> torch.Tensor:
     """Return the noise prediction of a UNet-like model (diffusers output, tuple or tensor)."""
-    out = unet(sample=sample, timestep=timestep, encoder_hidden_states=hidden)
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return output_tensors(unet(sample=sample, timestep=timestep, encoder_hidden_states=hidden))[0]
 
 
 def guided_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
