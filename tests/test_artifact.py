@@ -32,10 +32,11 @@ def test_load_equals_in_memory_model_exactly(tiny_compressed, tiny_artifact, tin
 
 def test_manifest_records_layers_and_checksums(tiny_artifact):
     manifest = json.loads((tiny_artifact / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["source"]["library"] == "diffusers"
+    assert manifest["format_version"] == 2 and manifest["source"]["library"] == "diffusers"
     layer = manifest["lowbit_layers"]["down_blocks.0.resnets.0.conv1"]
     assert layer["codec"] == "rans" and layer["levels"] in (3, 4, 5, 8, 9, 16, 17, 256)
-    assert all(len(t["sha256"]) == 64 for t in manifest["tensors"].values())
+    assert len(manifest["tensors_file"]["sha256"]) == 64
+    assert manifest["tensors_file"]["bytes"] == (tiny_artifact / TENSORS).stat().st_size
     assert (tiny_artifact / "bits_per_layer.png").stat().st_size > 1000
 
 
@@ -77,10 +78,33 @@ def test_corrupt_or_missing_manifest(tiny_artifact, tmp_path):
 def test_manifest_edit_is_detected(tiny_artifact, tmp_path):
     art = _copy(tiny_artifact, tmp_path)
     manifest = json.loads((art / MANIFEST).read_text())
+    manifest["tensors_file"]["sha256"] = "0" * 64
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="sha256"):
+        read_artifact(art)
+    del manifest["tensors_file"]
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="lacks the size and sha256"):
+        read_artifact(art)
+
+
+def test_version_1_artifacts_are_still_read_and_checked(tiny_artifact, tmp_path):
+    """A version-1 manifest (a dtype, shape and sha256 per tensor) loads; a tampered tensor is still caught."""
+    from fxpress.ir.artifact import tensor_sha256
+
+    art = _copy(tiny_artifact, tmp_path)
+    manifest = json.loads((art / MANIFEST).read_text())
+    _, tensors = read_artifact(art)
+    manifest["format_version"] = 1
+    del manifest["tensors_file"]
+    manifest["tensors"] = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
+                               "sha256": tensor_sha256(v)} for k, v in tensors.items()}
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    assert fxpress.load(art) is not None
     name = next(iter(manifest["tensors"]))
     manifest["tensors"][name]["sha256"] = "0" * 64
     (art / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="sha256"):
+    with pytest.raises(ArtifactError, match=f"tensor '{name}'.*sha256"):
         read_artifact(art)
 
 

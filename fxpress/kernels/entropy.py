@@ -18,7 +18,7 @@ def _model(counts: np.ndarray):
 def encode(codes: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """Return (compressed uint32 words, symbol counts) for unsigned codes in 0..levels-1."""
     flat = np.ascontiguousarray(codes, dtype=np.int32).reshape(-1)
-    counts = np.bincount(flat, minlength=levels).astype(np.int64)
+    counts = np.bincount(flat, minlength=levels).astype(np.int32 if flat.size < 2**31 else np.int64)
     if counts.size != levels:
         raise ValueError(f"codes exceed {levels} levels")
     coder = constriction.stream.stack.AnsCoder()
