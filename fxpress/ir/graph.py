@@ -47,10 +47,12 @@ class Graph:
 
     def __init__(self, module: nn.Module, graph_module: fx.GraphModule, param_names: dict[str, str],
                  example: Inputs, calibration: list[Inputs] | None = None,
-                 source: dict[str, Any] | None = None, input_names: list[str] | None = None):
+                 source: dict[str, Any] | None = None, input_names: list[str] | None = None,
+                 buffer_names: dict[str, str] | None = None):
         self.module = module
         self.graph_module = graph_module
         self.param_names = param_names
+        self.buffer_names = buffer_names or {}  # placeholder -> buffer or lifted-constant name
         self.example = example
         self.calibration = calibration or [example]
         self.source = source or {}
