@@ -17,7 +17,8 @@ def add_bench_parser(sub, console: Console) -> None:
     b = sub.add_parser("bench", help="measure models")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="sample accuracy, Fréchet distance and denoising MSE on a testbed")
-    q.add_argument("models", nargs="+", help="testbed zoo models (testbed-digits-unet) or artifact directories; "
+    q.add_argument("models", nargs="+", help="testbed zoo models (testbed-digits-unet, testbed-digits-dit, "
+                                             "testbed-shapes-unet) or artifact directories; "
                                              "several are compared on the same seeds, side by side")
     q.add_argument("--testbed", default=None, help="testbed to judge on (default: the one the model came from)")
     q.add_argument("--per-prompt", type=int, default=30, help="samples per evaluation prompt")
@@ -37,8 +38,9 @@ def _testbed_of(name: str) -> str | None:
 
 
 def resolve_model(name: str, testbed: str | None):
-    """Return (testbed name, UNet-like model, label) for a testbed zoo name or an artifact directory."""
+    """Return (testbed name, denoiser, label) for a testbed zoo name or an artifact directory."""
     from fxpress.frontends import zoo
+    from fxpress.testbed.specs import TESTBEDS
 
     path = Path(name)
     if path.is_dir():
@@ -50,7 +52,7 @@ def resolve_model(name: str, testbed: str | None):
         testbed = testbed or _testbed_of(origin)
         if testbed is None:
             raise FxpressError(f"{path} was not made from a testbed model (its model is {origin or 'unknown'!r}); "
-                               "pass --testbed digits|shapes")
+                               f"pass --testbed {'|'.join(TESTBEDS)}")
         bits = manifest.get("summary", {}).get("weights_only_bits")
         label = f"{path.name}" + (f" ({bits:.2f} bits)" if bits else "")
         return testbed, load(path), label

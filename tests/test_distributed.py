@@ -30,7 +30,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     args = ["digits", "--steps", "4", "--batch", "8", "--classifier-steps", "2", "--no-quality"]
     _run([*args, "--out", str(tmp_path / "one")], 1)
     _run([*args, "--out", str(tmp_path / "two")], 2)
-    for part in ("unet", "text_encoder"):
+    for part in ("denoiser", "text_encoder"):
         one, two = (load_file(tmp_path / run / f"{part}.safetensors") for run in ("one", "two"))
         assert one.keys() == two.keys()
         diff = sum(float((one[k].double() - two[k].double()).square().sum()) for k in one) ** 0.5
@@ -46,8 +46,8 @@ def test_resume_continues_to_the_same_result(tmp_path):
     _run([*args, "--steps", "4", "--out", str(tmp_path / "straight")], 1)
     _run([*args, "--steps", "2", "--out", str(tmp_path / "resumed")], 1)
     _run([*args, "--steps", "4", "--resume", "--out", str(tmp_path / "resumed")], 1)
-    a = load_file(tmp_path / "straight" / "unet.safetensors")
-    b = load_file(tmp_path / "resumed" / "unet.safetensors")
+    a = load_file(tmp_path / "straight" / "denoiser.safetensors")
+    b = load_file(tmp_path / "resumed" / "denoiser.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

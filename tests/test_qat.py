@@ -76,12 +76,13 @@ def test_qat_without_training_data_is_refused(tiny_unet):
         fxpress.compress(model, example, "uniform", qat={"stage1_steps": 1, "stage2_steps": 0})
 
 
-def test_qat_pass_trains_and_freezes_exactly(tmp_path):
-    """Two-stage QAT on the trained digits UNet: the packed model equals the fake-quant one, losses fall."""
+@pytest.mark.parametrize("name", ["testbed-digits-unet", "testbed-digits-dit"])
+def test_qat_pass_trains_and_freezes_exactly(tmp_path, name):
+    """Two-stage QAT on a trained testbed UNet or DiT: the packed model equals the fake-quant one."""
     import fxpress
     from fxpress.frontends import zoo
 
-    entry = zoo.get("testbed-digits-unet")
+    entry = zoo.get(name)
     model, example = entry.build(), entry.example_inputs()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     qat = QATConfig(stage1_steps=6, stage2_steps=2, batch=8, lr=1e-4, scale_lr=1e-3)
@@ -93,6 +94,7 @@ def test_qat_pass_trains_and_freezes_exactly(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
     fxpress.save(result, tmp_path / "qat", plot=False)
     loaded = fxpress.load(tmp_path / "qat")
+    assert type(loaded) is type(model)
     with torch.no_grad():
         assert torch.equal(loaded(**example.kwargs).sample, result.model(**example.kwargs).sample)
 

@@ -61,15 +61,16 @@ def test_frechet_distance_of_gaussians():
     assert frechet_distance(a, scaled) == pytest.approx(expected, rel=1e-9)
 
 
-def test_committed_weights_load_and_record_their_training():
+@pytest.mark.parametrize("name", ["digits", "digits-dit"])
+def test_committed_weights_load_and_record_their_training(name):
     from fxpress.testbed import load_testbed
 
-    testbed = load_testbed("digits")
+    testbed = load_testbed(name)
     record = testbed.record
     assert record["classifier_heldout_accuracy"] >= 0.95
     assert record["quality"]["accuracy"] >= 0.9
     assert sum(record["params"].values()) == sum(p.numel() for m in testbed.parts().values() for p in m.parameters())
-    assert not any(p.requires_grad for p in testbed.unet.parameters())
+    assert not any(p.requires_grad for p in testbed.denoiser.parameters())
 
 
 def test_missing_weights_are_a_typed_error(tmp_path):
@@ -103,16 +104,26 @@ def test_bench_quality_refuses_untrained_models(tiny_artifact):
     assert main(["bench", "quality", str(tiny_artifact)]) == 2
 
 
-def test_shapes_testbed_models_fit_their_data():
-    """The (not yet trained) shapes testbed: captions tokenize, the UNet and classifier take its images."""
+@pytest.mark.parametrize("name", ["shapes", "digits-dit"])
+def test_testbed_models_fit_their_data(name):
+    """Captions tokenize; the denoiser (UNet or DiT, by its own keyword) and the classifier take the images."""
     from fxpress.testbed import build_testbed
     from fxpress.testbed.sampling import predict_noise
 
-    testbed = build_testbed("shapes")
-    images = shapes.make_shapes(4, seed=0)
+    testbed = build_testbed(name)
+    spec = testbed.spec
+    images = spec.load_split("test")
     with torch.no_grad():
-        hidden = testbed.encode(images.captions)
-        eps = predict_noise(testbed.unet, images.images, torch.tensor([1, 10, 100, 999]), hidden)
-        logits = testbed.classifier(images.images)
-    assert eps.shape == images.images.shape and hidden.shape == (4, 10, 64)
-    assert {k: v.shape[1] for k, v in logits.items()} == shapes.FACTORS
+        hidden = testbed.encode(images.captions[:4])
+        eps = predict_noise(testbed.denoiser, images.images[:4], torch.tensor([1, 10, 100, 999]), hidden,
+                            spec.sample_input)
+        logits = testbed.classifier(images.images[:4])
+    assert eps.shape == images.images[:4].shape and hidden.shape == (4, spec.max_length, 64)
+    assert {k: v.shape[1] for k, v in logits.items()} == spec.factors
+
+
+def test_unknown_denoiser_kind_is_refused():
+    from fxpress.testbed.specs import DIGITS, TestbedSpec
+
+    with pytest.raises(FxpressError, match="unknown denoiser 'rnn'"):
+        TestbedSpec(**{**DIGITS.__dict__, "name": "x", "denoiser": "rnn"})

@@ -103,8 +103,8 @@ class ZooEntry:
 
 @dataclass
 class TestbedEntry:
-    """A trained testbed UNet (fxpress.testbed): committed weights, real example and calibration inputs,
-    and training data for quantization-aware training."""
+    """A trained testbed denoiser, UNet or DiT (fxpress.testbed): committed weights, real example and
+    calibration inputs, and training data for quantization-aware training."""
 
     name: str
     description: str
@@ -120,10 +120,10 @@ class TestbedEntry:
         return cache
 
     def build(self, seed: int = 0, weights: str = "trained") -> nn.Module:
-        """Return a fresh copy of the trained UNet (`seed` and `weights` are ignored: the weights are trained)."""
+        """Return a fresh copy of the trained denoiser (`seed` and `weights` are ignored: the weights are trained)."""
         import copy
 
-        return copy.deepcopy(self._loaded().unet).eval()
+        return copy.deepcopy(self._loaded().denoiser).eval()
 
     def example_inputs(self, seed: int = 0) -> ExampleInputs:
         """Return two real training images noised to t=500 with their caption embeddings."""
@@ -223,6 +223,11 @@ ZOO: dict[str, ZooEntry | TestbedEntry] = {
     "testbed-digits-unet": TestbedEntry("testbed-digits-unet", "trained UNet2DConditionModel of the digits "
                                         "testbed (16x16, caption-conditioned through a small CLIPTextModel)",
                                         "digits"),
+    "testbed-shapes-unet": TestbedEntry("testbed-shapes-unet", "trained UNet2DConditionModel of the captioned "
+                                        "shapes testbed (32x32 RGB, shape/colour/size/position captions)", "shapes"),
+    "testbed-digits-dit": TestbedEntry("testbed-digits-dit", "trained PixArtTransformer2DModel (DiT, 6 blocks, "
+                                       "4 heads) of the digits testbed, caption-conditioned through a small "
+                                       "CLIPTextModel", "digits-dit"),
 }
 
 

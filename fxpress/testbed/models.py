@@ -18,17 +18,16 @@ from fxpress.testbed.specs import TestbedSpec, get_spec
 from fxpress.testbed.text import WordTokenizer, text_encoder_config
 
 WEIGHTS = Path(__file__).parent / "weights"
-PARTS = ("unet", "text_encoder", "classifier")
 
 
 @dataclass
 class Testbed:
-    """A testbed's tokenizer, text encoder, UNet and classifier (trained or freshly initialised)."""
+    """A testbed's tokenizer, text encoder, denoiser (UNet or DiT) and classifier (trained or freshly initialised)."""
 
     spec: TestbedSpec
     tokenizer: WordTokenizer
     text_encoder: nn.Module
-    unet: nn.Module
+    denoiser: nn.Module
     classifier: FactorClassifier
     record: dict[str, Any]
 
@@ -41,12 +40,12 @@ class Testbed:
 
     def parts(self) -> dict[str, nn.Module]:
         """Return the trainable parts by name."""
-        return {"unet": self.unet, "text_encoder": self.text_encoder, "classifier": self.classifier}
+        return {"denoiser": self.denoiser, "text_encoder": self.text_encoder, "classifier": self.classifier}
 
 
 def build_testbed(spec: TestbedSpec | str, seed: int = 0) -> Testbed:
     """Return a freshly initialised testbed (seeded)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = get_spec(spec) if isinstance(spec, str) else spec
@@ -54,9 +53,10 @@ def build_testbed(spec: TestbedSpec | str, seed: int = 0) -> Testbed:
     tokenizer = WordTokenizer(list(spec.words), spec.max_length)
     config = text_encoder_config(tokenizer.vocab_size, spec.max_length, spec.text_width)
     text = CLIPTextModel(CLIPTextConfig(**config))
-    unet = UNet2DConditionModel(**spec.unet)
+    kinds = {"unet": UNet2DConditionModel, "dit": PixArtTransformer2DModel}
+    denoiser = kinds[spec.denoiser](**spec.model)
     classifier = FactorClassifier(spec.channels, spec.resolution, spec.factors)
-    return Testbed(spec, tokenizer, text, unet, classifier, {})
+    return Testbed(spec, tokenizer, text, denoiser, classifier, {})
 
 
 def weights_dir(name: str) -> Path:

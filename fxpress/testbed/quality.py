@@ -65,7 +65,7 @@ def classify(testbed: Testbed, images: torch.Tensor, batch: int = 500) -> tuple[
 
 
 @torch.no_grad()
-def denoising_mse(testbed: Testbed, unet: nn.Module, images: torch.Tensor, captions: list[str], seed: int = 0,
+def denoising_mse(testbed: Testbed, model: nn.Module, images: torch.Tensor, captions: list[str], seed: int = 0,
                   batch: int = 250) -> float:
     """Return the mean noise-prediction MSE on held-out images at seeded timesteps and noise."""
     scheduler = training_scheduler()
@@ -76,28 +76,29 @@ def denoising_mse(testbed: Testbed, unet: nn.Module, images: torch.Tensor, capti
     for lo in range(0, images.shape[0], batch):
         sl = slice(lo, lo + batch)
         noisy = scheduler.add_noise(images[sl], noise[sl], t[sl])
-        eps = predict_noise(unet, noisy, t[sl], testbed.encode(captions[sl]))
+        eps = predict_noise(model, noisy, t[sl], testbed.encode(captions[sl]), testbed.spec.sample_input)
         total += float((eps - noise[sl]).square().sum())
     return total / noise.numel()
 
 
 @torch.no_grad()
-def evaluate(testbed: Testbed, unet: nn.Module | None = None, *, per_prompt: int = 30, seed: int = 0,
+def evaluate(testbed: Testbed, model: nn.Module | None = None, *, per_prompt: int = 30, seed: int = 0,
              steps: int | None = None, guidance: float | None = None) -> tuple[Quality, torch.Tensor]:
-    """Sample `per_prompt` images for every evaluation prompt and measure them.
+    """Sample `per_prompt` images for every evaluation prompt from `model` (default: the testbed's own
+    denoiser) and measure them.
 
     Returns (Quality, images) with images ordered prompt by prompt, (P * per_prompt, C, H, W).
     """
     start = time.perf_counter()
     spec = testbed.spec
-    unet = testbed.unet if unet is None else unet
+    model = testbed.denoiser if model is None else model
     steps, guidance = steps or spec.sample_steps, spec.guidance if guidance is None else guidance
     prompts = spec.prompts()
     captions = [text for text, _ in prompts for _ in range(per_prompt)]
     cond = testbed.encode(captions)
     uncond = testbed.encode([""])
-    images = sample_images(unet, cond, uncond, (spec.channels, spec.resolution, spec.resolution), steps=steps,
-                           guidance=guidance, seed=seed)
+    images = sample_images(model, cond, uncond, (spec.channels, spec.resolution, spec.resolution), steps=steps,
+                           guidance=guidance, seed=seed, sample_input=spec.sample_input)
     predicted, features = classify(testbed, images)
     wanted = {name: torch.tensor([f[name] for _, f in prompts for _ in range(per_prompt)]) for name in spec.factors}
     hits = {name: predicted[name] == wanted[name] for name in spec.factors}
@@ -108,7 +109,7 @@ def evaluate(testbed: Testbed, unet: nn.Module | None = None, *, per_prompt: int
         accuracy=float(every.float().mean()),
         factor_accuracy={k: float(v.float().mean()) for k, v in hits.items()},
         frechet=frechet_distance(features, real_features),
-        denoise_mse=denoising_mse(testbed, unet, heldout.images, heldout.captions, seed),
+        denoise_mse=denoising_mse(testbed, model, heldout.images, heldout.captions, seed),
         samples=len(captions), seconds=time.perf_counter() - start,
         settings={"steps": steps, "guidance": guidance, "seed": seed, "per_prompt": per_prompt,
                   "sampler": "DDIM (eta 0)", "heldout": len(heldout)},

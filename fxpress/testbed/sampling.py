@@ -19,24 +19,26 @@ def training_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**SCHEDULE, clip_sample=True)
 
 
-def predict_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
-                  hidden: torch.Tensor) -> torch.Tensor:
-    """Return the noise prediction of a UNet-like model (diffusers output, tuple or tensor)."""
-    return output_tensors(unet(sample=sample, timestep=timestep, encoder_hidden_states=hidden))[0]
+def predict_noise(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
+                  sample_input: str = "sample") -> torch.Tensor:
+    """Return the noise prediction of a denoiser taking the noisy sample as keyword `sample_input`
+    ("sample" for UNets, "hidden_states" for DiTs); its output may be a diffusers output, tuple or tensor."""
+    return output_tensors(model(**{sample_input: sample}, timestep=timestep, encoder_hidden_states=hidden))[0]
 
 
-def guided_noise(unet: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+def guided_noise(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor, guidance: float, sample_input: str = "sample") -> torch.Tensor:
     """Return eps(x, ∅) + guidance · (eps(x, c) − eps(x, ∅)), both branches in one batch."""
-    both = predict_noise(unet, torch.cat([sample, sample]), torch.cat([timestep, timestep]),
-                         torch.cat([uncond.expand_as(cond), cond]))
+    both = predict_noise(model, torch.cat([sample, sample]), torch.cat([timestep, timestep]),
+                         torch.cat([uncond.expand_as(cond), cond]), sample_input)
     eps_u, eps_c = both.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
 
 @torch.no_grad()
-def sample_images(unet: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, int, int], *,
-                  steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250) -> torch.Tensor:
+def sample_images(model: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, int, int], *,
+                  steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250,
+                  sample_input: str = "sample") -> torch.Tensor:
     """Return len(cond) images (N, C, H, W) in [-1, 1] drawn with DDIM (eta 0) and CFG.
 
     Image i starts from the noise of generator seed+i, so two models given the same seed and
@@ -52,7 +54,7 @@ def sample_images(unet: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, sha
         c = cond[lo:lo + batch]
         for t in scheduler.timesteps:
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-            eps = guided_noise(unet, x, tt, c, uncond, guidance)
+            eps = guided_noise(model, x, tt, c, uncond, guidance, sample_input)
             x = scheduler.step(eps, t, x).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out)

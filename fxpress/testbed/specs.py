@@ -1,4 +1,4 @@
-"""The two testbeds as data: dataset, vocabulary, model configs, evaluation prompts and sampler settings."""
+"""The testbeds as data: dataset, vocabulary, denoiser kind and config, evaluation prompts, sampler settings."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ from fxpress.errors import FxpressError
 from fxpress.testbed import digits, shapes
 from fxpress.testbed.dataset import ImageSet
 
+SAMPLE_INPUTS = {"unet": "sample", "dit": "hidden_states"}  # denoiser kind -> keyword of the noisy sample
+
 
 @dataclass(frozen=True)
 class TestbedSpec:
-    """Everything that defines one testbed; the trained weights live in `weights/<name>/`."""
+    """Everything that defines one testbed; the trained weights live in `weights/<name>/`.
+
+    `denoiser` is the architecture ("unet": diffusers UNet2DConditionModel; "dit": diffusers
+    PixArtTransformer2DModel, a DiT with cross-attention to the text) and `model` its config.
+    """
 
     name: str
     load_split: Callable[[str], ImageSet]
@@ -23,13 +29,24 @@ class TestbedSpec:
     resolution: int
     factors: dict[str, int]
     prompts: Callable[[], list[tuple[str, dict[str, int]]]]
-    unet: dict[str, Any] = field(default_factory=dict)
+    denoiser: str = "unet"
+    model: dict[str, Any] = field(default_factory=dict)
     text_width: int = 64
     guidance: float = 1.5
     sample_steps: int = 25
     train: dict[str, Any] = field(default_factory=dict)
 
     __test__ = False  # not a pytest class
+
+    def __post_init__(self) -> None:
+        if self.denoiser not in SAMPLE_INPUTS:
+            raise FxpressError(f"testbed {self.name!r}: unknown denoiser {self.denoiser!r}; "
+                               f"known: {', '.join(SAMPLE_INPUTS)}")
+
+    @property
+    def sample_input(self) -> str:
+        """The keyword the denoiser's forward takes the noisy sample by."""
+        return SAMPLE_INPUTS[self.denoiser]
 
 
 def _digit_prompts() -> list[tuple[str, dict[str, int]]]:
@@ -56,10 +73,20 @@ def _unet(channels: int, resolution: int, widths: tuple[int, ...], groups: int, 
             "attention_head_dim": 8, "norm_num_groups": groups}
 
 
+def _dit(channels: int, resolution: int, patch: int, width: int, heads: int, layers: int,
+         text_width: int = 64) -> dict[str, Any]:
+    """Return a PixArt-style DiT config: adaLN-single timestep conditioning, cross-attention to the text."""
+    return {"sample_size": resolution, "patch_size": patch, "in_channels": channels, "out_channels": channels,
+            "num_layers": layers, "num_attention_heads": heads, "attention_head_dim": width // heads,
+            "cross_attention_dim": width, "caption_channels": text_width, "norm_type": "ada_norm_single",
+            "norm_elementwise_affine": False, "norm_eps": 1e-6, "use_additional_conditions": False,
+            "num_embeds_ada_norm": 1000}
+
+
 DIGITS = TestbedSpec(
     name="digits", load_split=digits.load_digits_split, words=("a", "handwritten", *digits.WORDS),
     max_length=6, channels=1, resolution=digits.SIZE, factors={"digit": 10}, prompts=_digit_prompts,
-    unet=_unet(1, digits.SIZE, (32, 64), 16),
+    model=_unet(1, digits.SIZE, (32, 64), 16),
     train={"steps": 4000, "batch": 64, "lr": 1e-3, "ema": 0.999, "caption_dropout": 0.1, "seed": 0,
            "classifier_steps": 1500},
 )
@@ -68,12 +95,20 @@ SHAPES = TestbedSpec(
     name="shapes", load_split=shapes.load_shapes_split,
     words=("a", "at", "the", *shapes.SIZES, *shapes.COLOURS, *shapes.SHAPES, "top", "bottom", "left", "right"),
     max_length=10, channels=3, resolution=shapes.SIZE, factors=dict(shapes.FACTORS), prompts=_shape_prompts,
-    unet=_unet(3, shapes.SIZE, (32, 64, 64), 16),
-    train={"steps": 4000, "batch": 64, "lr": 1e-3, "ema": 0.999, "caption_dropout": 0.1, "seed": 0,
+    model=_unet(3, shapes.SIZE, (32, 64, 64), 16),
+    train={"steps": 3000, "batch": 64, "lr": 1e-3, "ema": 0.999, "caption_dropout": 0.1, "seed": 0,
            "classifier_steps": 1500},
 )
 
-TESTBEDS = {spec.name: spec for spec in (DIGITS, SHAPES)}
+DIGITS_DIT = TestbedSpec(
+    name="digits-dit", load_split=digits.load_digits_split, words=DIGITS.words, max_length=DIGITS.max_length,
+    channels=1, resolution=digits.SIZE, factors={"digit": 10}, prompts=_digit_prompts,
+    denoiser="dit", model=_dit(1, digits.SIZE, patch=2, width=96, heads=4, layers=6),
+    train={"steps": 4000, "batch": 64, "lr": 5e-4, "ema": 0.999, "caption_dropout": 0.1, "seed": 0,
+           "classifier_steps": 1500},
+)
+
+TESTBEDS = {spec.name: spec for spec in (DIGITS, SHAPES, DIGITS_DIT)}
 
 
 def get_spec(name: str) -> TestbedSpec:

@@ -1,4 +1,4 @@
-"""Train a testbed from scratch, reproducibly: classifier first, then text encoder + UNet jointly.
+"""Train a testbed from scratch, reproducibly: classifier first, then text encoder + denoiser jointly.
 
     python -m fxpress.testbed.train digits --out fxpress/testbed/weights/digits
     torchrun --nproc_per_node=2 -m fxpress.testbed.train digits --out DIR   # same result, DDP
@@ -26,16 +26,16 @@ from fxpress.training.distributed import Distributed, unwrap
 from fxpress.training.loop import EMA, step_generator, train_loop
 
 
-class Denoiser(nn.Module):
-    """Text encoder and UNet as one module, so one DDP wrapper trains both."""
+class TextAndDenoiser(nn.Module):
+    """Text encoder and denoiser as one module, so one DDP wrapper trains both."""
 
-    def __init__(self, text_encoder: nn.Module, unet: nn.Module):
+    def __init__(self, text_encoder: nn.Module, denoiser: nn.Module, sample_input: str):
         super().__init__()
-        self.text_encoder, self.unet = text_encoder, unet
+        self.text_encoder, self.denoiser, self.sample_input = text_encoder, denoiser, sample_input
 
     def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.text_encoder(ids).last_hidden_state
-        return predict_noise(self.unet, noisy, timestep, hidden)
+        return predict_noise(self.denoiser, noisy, timestep, hidden, self.sample_input)
 
 
 def _shift(images: torch.Tensor, gen: torch.Generator, pixels: int = 1) -> torch.Tensor:
@@ -77,13 +77,13 @@ def train_classifier(testbed: Testbed, steps: int, seed: int, batch: int = 128) 
 def train_denoiser(testbed: Testbed, ctx: Distributed, steps: int, batch: int, lr: float, ema_decay: float,
                    caption_dropout: float, seed: int, checkpoint_dir: Path | None = None,
                    checkpoint_every: int = 500, resume: bool = False) -> list[float]:
-    """Train text encoder + UNet on noise prediction with caption dropout; the EMA ends up in the testbed."""
+    """Train text encoder + denoiser on noise prediction with caption dropout; the EMA ends up in the testbed."""
     spec = testbed.spec
     train = spec.load_split("train")
     tokens = testbed.tokenizer(train.captions)
     empty = testbed.tokenizer([""])[0]
     scheduler = training_scheduler()
-    denoiser = Denoiser(testbed.text_encoder, testbed.unet).train()
+    denoiser = TextAndDenoiser(testbed.text_encoder, testbed.denoiser, spec.sample_input).train()
     ema = EMA(denoiser, ema_decay)
     model = ctx.wrap(denoiser)
     optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)
@@ -143,7 +143,7 @@ def train_testbed(spec: TestbedSpec, out: Path, ctx: Distributed, overrides: dic
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (works alone or under torchrun)."""
     parser = argparse.ArgumentParser(prog="python -m fxpress.testbed.train", description=__doc__.split("\n")[0])
-    parser.add_argument("testbed", help="digits or shapes")
+    parser.add_argument("testbed", help="digits, shapes or digits-dit")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=None, help="override the spec's denoiser steps")
     parser.add_argument("--batch", type=int, default=None, help="override the global batch")

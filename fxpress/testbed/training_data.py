@@ -1,4 +1,4 @@
-"""Training, calibration and example inputs for a testbed UNet, from real data and its captions."""
+"""Training, calibration and example inputs for a testbed denoiser, from real data and its captions."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ from fxpress.training.diffusion_data import DiffusionData
 def diffusion_data(testbed: Testbed, split: str = "train") -> DiffusionData:
     """Return the testbed's images with their caption embeddings (text encoder frozen) as DiffusionData."""
     images = testbed.spec.load_split(split)
-    return DiffusionData(images.images, testbed.encode(images.captions), testbed.encode([""]), training_scheduler())
+    return DiffusionData(images.images, testbed.encode(images.captions), testbed.encode([""]), training_scheduler(),
+                         sample_input=testbed.spec.sample_input)
 
 
 def noisy_inputs(testbed: Testbed, timesteps: list[int], seed: int, batch: int = 2) -> list[dict[str, torch.Tensor]]:
-    """Return UNet kwargs built from real training images noised to each of `timesteps` (seeded)."""
+    """Return denoiser kwargs built from real training images noised to each of `timesteps` (seeded)."""
     data = diffusion_data(testbed)
     out = []
     for i, t in enumerate(timesteps):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         x0, cond = data.batch(gen, batch)
         tt = torch.full((batch,), int(t), dtype=torch.long)
-        out.append({"sample": data.add_noise(x0, torch.randn(x0.shape, generator=gen), tt), "timestep": tt,
+        out.append({data.sample_input: data.add_noise(x0, torch.randn(x0.shape, generator=gen), tt), "timestep": tt,
                     "encoder_hidden_states": cond})
     return out
