@@ -1,0 +1,1 @@
+"""Structured pruning: removing dependency-group units and whole blocks, keeping the model whole."""

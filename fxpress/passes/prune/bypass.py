@@ -1,0 +1,107 @@
+"""Block removal: replace a residual block by a module that returns its stream input unchanged.
+
+Which argument is the stream is found by running the model once and looking at each block's call:
+the one tensor argument shaped like the block's output. `bypass_hooks` gives the same behaviour as
+forward hooks on the original model (for masking while scoring); `bypass_blocks` swaps the modules
+for `Bypass` so the parameters are gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxpress.errors import PassError
+from fxpress.ir.module_paths import replace_submodule
+
+
+@dataclass(frozen=True)
+class StreamArg:
+    """Where a block's stream input sits in its call: a position or a keyword, and how it returns."""
+
+    position: int | None
+    keyword: str | None
+    returns_tuple: bool
+
+    def pick(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Return the stream tensor from a call's arguments."""
+        return args[self.position] if self.position is not None else kwargs[self.keyword]
+
+    def result(self, stream: torch.Tensor) -> Any:
+        """Return what the block would return if it added nothing to its stream."""
+        return (stream,) if self.returns_tuple else stream
+
+
+class Bypass(nn.Module):
+    """Stands in for a removed block: returns the block's stream input."""
+
+    def __init__(self, stream: StreamArg, removed: str):
+        super().__init__()
+        self.stream, self.removed = stream, removed
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.stream.result(self.stream.pick(args, kwargs))
+
+    def extra_repr(self) -> str:
+        return f"removed={self.removed}"
+
+
+def _stream_arg(path: str, args: tuple, kwargs: dict[str, Any], output: Any) -> StreamArg:
+    first = output[0] if isinstance(output, tuple) and output else output
+    if not isinstance(first, torch.Tensor) or (isinstance(output, tuple) and any(
+            o is not None for o in output[1:])):
+        raise PassError("a block must return a tensor (or a tuple holding one tensor)", "BypassBlocks",
+                        module_path=path)
+    matches = [(i, None) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.shape == first.shape]
+    matches += [(None, k) for k, a in kwargs.items() if isinstance(a, torch.Tensor) and a.shape == first.shape]
+    if len(matches) != 1:
+        raise PassError(f"{len(matches)} arguments of the block are shaped like its output {list(first.shape)}; "
+                        "cannot tell which one is the stream", "BypassBlocks", module_path=path)
+    return StreamArg(matches[0][0], matches[0][1], isinstance(output, tuple))
+
+
+@torch.no_grad()
+def find_stream_args(model: nn.Module, paths: list[str], inputs: dict[str, Any]) -> dict[str, StreamArg]:
+    """Run `model` once on `inputs` and return, for each block path, where its stream input is.
+
+    Raises PassError naming the block when it is called more than once or the stream is ambiguous.
+    """
+    found: dict[str, StreamArg] = {}
+    handles = []
+    for path in paths:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, path: str = path) -> None:
+            if path in found:
+                raise PassError("the block is called more than once", "BypassBlocks", module_path=path)
+            found[path] = _stream_arg(path, args, kwargs, output)
+        handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p for p in paths if p not in found]
+    if missing:
+        raise PassError(f"blocks {missing} never ran on the example inputs", "BypassBlocks")
+    return found
+
+
+def bypass_hooks(model: nn.Module, streams: dict[str, StreamArg]) -> list:
+    """Make each block return its stream input (forward hooks); return the handles to remove later."""
+    handles = []
+    for path, stream in streams.items():
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, stream: StreamArg = stream) -> Any:
+            return stream.result(stream.pick(args, kwargs))
+        handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
+    return handles
+
+
+def bypass_blocks(model: nn.Module, streams: dict[str, StreamArg]) -> int:
+    """Replace each block by a Bypass in place; return the number of parameters removed."""
+    removed = 0
+    for path, stream in streams.items():
+        old = replace_submodule(model, path, Bypass(stream, path))
+        removed += sum(p.numel() for p in old.parameters())
+    return removed

@@ -1,0 +1,135 @@
+"""Physical removal of dependency-group units, keeping the model whole, and the matching masks.
+
+`remove_units` slices every parameter and buffer a unit names and then brings each touched module's
+attributes in line with its new weights (Linear/Conv features, GroupNorm groups, LayerNorm shape,
+an attention's head count), so the model still runs its own `forward`. `mask_units` zeroes the
+consumer side of the same units in place (the columns of the layers that read the removed channels):
+the pruned model must compute exactly what the masked model computes, and `check_removal` verifies it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fxpress.errors import PassError
+from fxpress.ir.dependency import Family, Unit
+from fxpress.ir.graph import output_tensors
+
+HEAD_COUNT_ATTRS = ("heads", "num_heads", "num_attention_heads", "n_heads")
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def _merged(units: Iterable[Unit]) -> dict[tuple[str, int], set[int]]:
+    cut: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for unit in units:
+        for key, idx in unit.slices.items():
+            cut[key].update(idx)
+    return cut
+
+
+def _sync_module(module: nn.Module) -> None:
+    """Make a standard module's size attributes agree with its (sliced) weights."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.GroupNorm) and module.affine:
+        per_group = module.num_channels // module.num_groups
+        module.num_channels = module.weight.shape[0]
+        if module.num_channels % per_group:
+            raise PassError(f"GroupNorm would keep {module.num_channels} channels, not whole groups of {per_group}",
+                            "RemoveUnits")
+        module.num_groups = module.num_channels // per_group
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
+
+
+def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) -> dict[str, int]:
+    """Remove `units` of each family from `model` in place; return {module path: heads removed}.
+
+    Raises PassError when a tensor would lose every channel of a dim, or when a module that splits
+    heads has no head-count attribute fxpress knows how to update.
+    """
+    heads_removed: dict[str, int] = defaultdict(int)
+    for family, units in removals:
+        if family.kind == "head":
+            heads_removed[family.host] += len(units)
+    cuts = _merged(u for _, units in removals for u in units)
+    for (name, dim), idx in cuts.items():
+        owner, attr = _owner(model, name)
+        if len(idx) >= getattr(owner, attr).shape[dim]:
+            raise PassError(f"the removal would leave no channel in dim {dim} of {name}", "RemoveUnits")
+    for host, count in heads_removed.items():
+        module = model.get_submodule(host)
+        if not any(isinstance(getattr(module, a, None), int) for a in HEAD_COUNT_ATTRS):
+            raise PassError(f"{type(module).__name__} splits heads but has none of the attributes "
+                            f"{HEAD_COUNT_ATTRS}; fxpress cannot tell it it has {count} fewer", "RemoveUnits",
+                            module_path=host)
+    touched: set[str] = set()
+    for (name, dim), idx in cuts.items():
+        owner, attr = _owner(model, name)
+        tensor = getattr(owner, attr)
+        keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in idx], dtype=torch.long)
+        sliced = tensor.detach().index_select(dim, keep).clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+        else:
+            owner.register_buffer(attr, sliced, persistent=attr not in owner._non_persistent_buffers_set)
+        touched.add(name.rpartition(".")[0])
+    for path in touched:
+        _sync_module(model.get_submodule(path) if path else model)
+    for host, count in heads_removed.items():
+        module = model.get_submodule(host)
+        for attr in HEAD_COUNT_ATTRS:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, getattr(module, attr) - count)
+        inner = getattr(module, "inner_dim", None)
+        if isinstance(inner, int) and hasattr(module, "to_q"):
+            module.inner_dim = module.to_q.out_features
+    return dict(heads_removed)
+
+
+@torch.no_grad()
+def mask_units(model: nn.Module, units: Iterable[Unit]) -> None:
+    """Zero, in place, the columns of every layer that reads a unit's channels (the unit's effect)."""
+    for (name, dim), idx in _merged(units).items():
+        owner, attr = _owner(model, name)
+        if attr == "weight" and dim == 1 and isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
+            getattr(owner, attr).index_fill_(1, torch.tensor(sorted(idx)), 0.0)
+
+
+@torch.no_grad()
+def check_removal(pruned: nn.Module, masked: nn.Module, inputs: list[dict], atol: float = 1e-5,
+                  rtol: float = 1e-4) -> float:
+    """Return the largest relative difference between the pruned and the masked model on `inputs`.
+
+    Raises PassError when they differ by more than the tolerances: the removal would change the model.
+    """
+    worst = 0.0
+    for kwargs in inputs:
+        try:
+            got = output_tensors(pruned(**kwargs))
+        except Exception as exc:  # the model's own forward no longer runs: any error type
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            raise PassError(f"the pruned model's own forward fails at {frame.filename.rsplit('/', 1)[-1]}:"
+                            f"{frame.lineno} ({frame.line}): {type(exc).__name__} {first}".rstrip(),
+                            "RemoveUnits") from exc
+        for a, b in zip(got, output_tensors(masked(**kwargs))):
+            diff = float((a - b).abs().max())
+            worst = max(worst, diff / max(float(b.abs().max()), 1e-12))
+            if not torch.allclose(a, b, atol=atol, rtol=rtol):
+                raise PassError(f"the pruned model differs from the masked one by {diff:.3g}", "RemoveUnits")
+    return worst
