@@ -8,8 +8,9 @@ from torch import nn
 
 from fxpress.errors import PassError, RecipeError
 from fxpress.ir.annotations import QuantSpec
+from fxpress.passes.distill.features import block_modules
 from fxpress.passes.quant.fake_quant import fake_quant_module, lsq_scales
-from fxpress.passes.quant.qat import block_modules, draw_timesteps
+from fxpress.passes.quant.qat import draw_timesteps
 from fxpress.passes.quant.qat_config import QATConfig
 from fxpress.passes.quant.scale_init import fit_scales
 

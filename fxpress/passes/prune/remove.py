@@ -101,13 +101,21 @@ def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) ->
     return dict(heads_removed)
 
 
-@torch.no_grad()
-def mask_units(model: nn.Module, units: Iterable[Unit]) -> None:
-    """Zero, in place, the columns of every layer that reads a unit's channels (the unit's effect)."""
+def consumer_columns(model: nn.Module, units: Iterable[Unit]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Return (weight, input-column indices) of every layer that reads the units' channels."""
+    out = []
     for (name, dim), idx in _merged(units).items():
         owner, attr = _owner(model, name)
         if attr == "weight" and dim == 1 and isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)):
-            getattr(owner, attr).index_fill_(1, torch.tensor(sorted(idx)), 0.0)
+            out.append((owner.weight, torch.tensor(sorted(idx))))
+    return out
+
+
+@torch.no_grad()
+def mask_units(model: nn.Module, units: Iterable[Unit]) -> None:
+    """Zero, in place, the columns of every layer that reads a unit's channels (the unit's effect)."""
+    for weight, columns in consumer_columns(model, units):
+        weight.index_fill_(1, columns, 0.0)
 
 
 @torch.no_grad()

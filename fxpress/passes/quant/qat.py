@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from fxpress.errors import PassError
 from fxpress.ir.graph import Graph, output_tensors
 from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.distill.features import FeatureTap, block_modules
 from fxpress.passes.module_edit import replace_submodule
 from fxpress.passes.quant.fake_quant import fake_quant_module, lsq_scales
 from fxpress.passes.quant.qat_config import QATConfig
@@ -43,38 +43,6 @@ def draw_timesteps(gen: torch.Generator, size: int, total: int, mode: str, beta:
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
     fraction = torch.from_numpy(rng.beta(beta[0], beta[1], size))
     return (fraction * total).long().clamp_(0, total - 1)
-
-
-def block_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Return the blocks whose outputs feature distillation matches: each item of a top-level
-    ModuleList (down_blocks.0, transformer_blocks.3, ...) and top-level modules named like 'mid'."""
-    blocks = {}
-    for name, child in model.named_children():
-        if isinstance(child, nn.ModuleList):
-            blocks.update({f"{name}.{i}": item for i, item in enumerate(child)})
-        elif "mid" in name:
-            blocks[name] = child
-    return blocks
-
-
-class FeatureTap:
-    """Records the first output tensor of each given module on every forward."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.values: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str) -> Callable:
-        def record(module, args, output):
-            tensors = output_tensors(output)
-            if tensors:
-                self.values[name] = tensors[0]
-        return record
-
-    def close(self) -> None:
-        """Remove the hooks."""
-        for handle in self.handles:
-            handle.remove()
 
 
 class QuantAwareTraining(Pass):

@@ -1,0 +1,1 @@
+"""Distillation helpers shared by training passes (QAT, pruning recovery): block features, taps."""

@@ -1,0 +1,128 @@
+"""What removing a candidate saves: measured latency on this machine (default), FLOPs or parameters.
+
+The latency model times every linear, conv and attention node of the captured graph on its own
+(random inputs of the node's shapes, median of `repeats` runs) and assumes a node's time shrinks in
+proportion to the channels removed from it; a block saves the time of every node inside it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from fxpress.errors import RecipeError
+from fxpress.ir.graph import Graph
+from fxpress.passes.prune.candidates import Candidate
+
+COST_KINDS = ("latency", "flops", "params")
+TIMED_OPS = {"aten.linear.default", "aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
+             "aten.scaled_dot_product_attention.default"}
+
+
+@dataclass
+class CostModel:
+    """Cost per timed graph node, and the index from layers, attention modules and blocks to nodes."""
+
+    kind: str
+    per_node: dict[str, float] = field(default_factory=dict)
+    layer_nodes: dict[str, list[str]] = field(default_factory=dict)  # layer path -> its call nodes
+    attention_nodes: dict[str, list[str]] = field(default_factory=dict)  # attention module -> sdpa nodes
+    module_nodes: dict[str, list[str]] = field(default_factory=dict)  # any module path -> timed nodes inside
+    params: dict[str, int] = field(default_factory=dict)  # parameter name -> numel
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """The model's cost: sum of timed nodes (latency, FLOPs) or all parameters."""
+        return float(sum(self.params.values())) if self.kind == "params" else sum(self.per_node.values())
+
+
+def _fake(value: object) -> object:
+    if isinstance(value, fx.Node):
+        val = value.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return torch.randn(tuple(val.shape)) if val.is_floating_point() else torch.zeros(tuple(val.shape),
+                                                                                             dtype=val.dtype)
+        return val
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fake(v) for v in value)
+    return value
+
+
+@torch.no_grad()
+def _time_node(node: fx.Node, repeats: int) -> float:
+    args, kwargs = _fake(node.args), {k: _fake(v) for k, v in node.kwargs.items()}
+    for _ in range(2):
+        node.target(*args, **kwargs)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        node.target(*args, **kwargs)
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def _flops(node: fx.Node) -> float:
+    out = node.meta["val"]
+    if str(node.target) == "aten.scaled_dot_product_attention.default":
+        q, k, v = (a.meta["val"] for a in node.args[:3])
+        return 2.0 * math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    weight = node.args[1].meta["val"]
+    return 2.0 * math.prod(out.shape) * math.prod(weight.shape[1:])
+
+
+def build_cost_model(graph: Graph, kind: str = "latency", repeats: int = 10) -> CostModel:
+    """Return the cost model of `graph` for `kind` ('latency', 'flops' or 'params')."""
+    if kind not in COST_KINDS:
+        raise RecipeError(f"unknown cost {kind!r}; use one of {', '.join(COST_KINDS)}")
+    model = CostModel(kind)
+    for node in graph.graph_module.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in TIMED_OPS:
+            continue
+        stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+        if str(node.target) == "aten.scaled_dot_product_attention.default":
+            model.attention_nodes.setdefault(stack[-1] if stack else "", []).append(node.name)
+        else:
+            fqn = graph.param_names.get(node.args[1].name, "") if isinstance(node.args[1], fx.Node) else ""
+            model.layer_nodes.setdefault(fqn.removesuffix(".weight"), []).append(node.name)
+        for path in stack:
+            model.module_nodes.setdefault(path, []).append(node.name)
+        if kind == "latency":
+            model.per_node[node.name] = _time_node(node, repeats)
+        elif kind == "flops":
+            model.per_node[node.name] = _flops(node)
+    for name, p in graph.module.named_parameters():
+        model.params[name] = p.numel()
+        model.shapes[name] = tuple(p.shape)
+    return model
+
+
+def candidate_cost(costs: CostModel, cand: Candidate, module: nn.Module | None = None) -> float:
+    """Return what removing `cand` saves under `costs` (seconds, FLOPs or parameters)."""
+    if cand.level == "block":
+        if costs.kind == "params":
+            prefix = cand.block + "."
+            return float(sum(n for name, n in costs.params.items() if name.startswith(prefix)))
+        return sum(costs.per_node[n] for n in costs.module_nodes.get(cand.block, []))
+    removed: dict[tuple[str, int], set[int]] = {}
+    for unit in cand.units:
+        for key, idx in unit.slices.items():
+            removed.setdefault(key, set()).update(idx)
+    saved = 0.0
+    for (name, dim), idx in removed.items():
+        if name not in costs.shapes:
+            continue  # a buffer: no parameters, no timed node of its own
+        fraction = len(idx) / costs.shapes[name][dim]
+        if costs.kind == "params":
+            saved += fraction * costs.params[name]
+        elif name.endswith(".weight"):
+            saved += fraction * sum(costs.per_node[n] for n in costs.layer_nodes.get(name[: -len(".weight")], []))
+    if cand.level == "head" and costs.kind != "params" and cand.family is not None:
+        share = len(cand.units) / len(cand.family.units)
+        saved += share * sum(costs.per_node[n] for n in costs.attention_nodes.get(cand.family.host, []))
+    return saved

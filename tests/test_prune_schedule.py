@@ -1,0 +1,103 @@
+"""Candidates, KD / magnitude / random scores, cost models and the greedy scheduler on a real DiT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fxpress.errors import RecipeError
+from fxpress.frontends.capture import capture
+from fxpress.ir.dependency import dependency_groups
+from fxpress.passes.prune.candidates import build_candidates
+from fxpress.passes.prune.costs import build_cost_model, candidate_cost
+from fxpress.passes.prune.remove import mask_units
+from fxpress.passes.prune.schedule import PruneConfig, greedy_prune
+from fxpress.passes.prune.scores import DistillTarget, kd_scores, magnitude_scores, random_scores
+
+
+@pytest.fixture(scope="module")
+def dit():
+    """The digits-testbed DiT with every weight drawn at random, calibration inputs at three timesteps."""
+    from fxpress.testbed import build_testbed
+    from fxpress.testbed.training_data import noisy_inputs
+
+    testbed = build_testbed("digits-dit")
+    model = testbed.denoiser.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    inputs = noisy_inputs(testbed, [100, 500, 900], 0)
+    graph = capture(model, (), inputs[0])
+    return model, inputs, graph, dependency_groups(graph)
+
+
+def test_channel_candidates_group_units_by_magnitude(dit):
+    model, _, _, groups = dit
+    cands = build_candidates(model, groups, [], levels=("channel",), channel_group=32)
+    ffn = [c for c in cands if c.family.name == "transformer_blocks.0.ff.net.0.proj"]
+    assert len(ffn) == 12 and all(len(c.units) == 32 for c in ffn)  # 384 channels in groups of 32
+    fc2 = model.transformer_blocks[0].ff.net[2].weight
+    energy = [float(fc2[:, [u.slices[("transformer_blocks.0.ff.net.2.weight", 1)][0] for u in c.units]]
+                    .square().mean()) for c in ffn]
+    assert energy[0] < energy[-1]  # the first group holds the smallest channels
+
+
+def test_kd_score_is_zero_for_a_unit_that_does_nothing(dit):
+    model, inputs, _, groups = dit
+    model = copy.deepcopy(model)
+    cands = build_candidates(model, groups, [], levels=("head",))[:8]
+    dead = cands[5]
+    mask_units(model, dead.units)  # this head already contributes nothing
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = kd_scores(model, cands, DistillTarget(model, inputs), {})
+    assert scores[dead.name] == 0.0
+    assert all(v > 0 for k, v in scores.items() if k != dead.name)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # every mask was undone
+
+
+def test_scores_of_every_kind_cover_every_candidate(dit):
+    model, _, _, groups = dit
+    cands = build_candidates(model, groups, ["transformer_blocks.0"], channel_group=64)
+    assert {c.level for c in cands} == {"block", "head", "channel"}
+    for scores in (magnitude_scores(model, cands), random_scores(cands, 3)):
+        assert set(scores) == {c.name for c in cands} and all(v >= 0 for v in scores.values())
+    assert random_scores(cands, 3) == random_scores(cands, 3)
+
+
+def test_costs_count_what_a_candidate_removes(dit):
+    model, _, graph, groups = dit
+    cands = build_candidates(model, groups, ["transformer_blocks.2"], channel_group=32)
+    params, flops = build_cost_model(graph, "params"), build_cost_model(graph, "flops")
+    ffn = next(c for c in cands if c.family and c.family.name == "transformer_blocks.1.ff.net.0.proj")
+    assert candidate_cost(params, ffn) == 32 * (96 + 1) + 32 * 96  # fc1 rows with bias, fc2 columns
+    block = next(c for c in cands if c.level == "block")
+    assert candidate_cost(params, block) == sum(p.numel() for p in model.transformer_blocks[2].parameters())
+    head = next(c for c in cands if c.level == "head" and "blocks.1.attn1" in c.name)
+    layer_flops = sum(graph.layers[f"transformer_blocks.1.attn1.{p}"].flops for p in ("to_q", "to_k", "to_v",
+                                                                                   "to_out.0"))
+    assert candidate_cost(flops, head) > layer_flops / 4  # its share of the projections plus of the attention
+    latency = build_cost_model(graph, "latency", repeats=2)
+    assert latency.per_node and all(t > 0 for t in latency.per_node.values())
+
+
+@pytest.mark.parametrize("bad", [{"budget": 1.5}, {"cost": "watts"}, {"scorer": "vibes"}, {"levels": ("layer",)}])
+def test_bad_prune_configs_are_refused(bad):
+    with pytest.raises(RecipeError):
+        PruneConfig(**bad)
+
+
+def test_greedy_prune_meets_the_flops_budget_and_keeps_the_original(dit):
+    model, inputs, graph, _ = dit
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned, rounds = greedy_prune(model, inputs, PruneConfig(cost="flops", budget=0.5, scorer="kd", rounds=2,
+                                                             channel_group=128, levels=("block", "head", "channel")))
+    ratio = build_cost_model(capture(pruned, (), inputs[0]), "flops").total / build_cost_model(graph, "flops").total
+    assert 0.4 <= ratio <= 0.5
+    assert len(rounds) == 2 and all(r.cost_after < r.cost_before for r in rounds)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.isfinite(pruned(**inputs[1]).sample).all()
