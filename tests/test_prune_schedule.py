@@ -93,11 +93,36 @@ def test_bad_prune_configs_are_refused(bad):
 def test_greedy_prune_meets_the_flops_budget_and_keeps_the_original(dit):
     model, inputs, graph, _ = dit
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned, rounds = greedy_prune(model, inputs, PruneConfig(cost="flops", budget=0.5, scorer="kd", rounds=2,
-                                                             channel_group=128, levels=("block", "head", "channel")))
+    config = PruneConfig(cost="flops", budget=0.5, scorer="kd", rounds=2, channel_group=128)
+    result = greedy_prune(model, inputs, config)
+    pruned, rounds = result.model, result.rounds
     ratio = build_cost_model(capture(pruned, (), inputs[0]), "flops").total / build_cost_model(graph, "flops").total
     assert 0.4 <= ratio <= 0.5
     assert len(rounds) == 2 and all(r.cost_after < r.cost_before for r in rounds)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.isfinite(pruned(**inputs[1]).sample).all()
+
+
+def test_trilevel_pass_then_quantization_round_trips_through_the_artifact(dit, tmp_path):
+    """Prune (a pass), then quantize (a recipe's passes) in one Pipeline; save; load; same outputs."""
+    import fxpress
+    from fxpress.ir.graph import Inputs
+    from fxpress.passes.pipeline import Pipeline
+    from fxpress.passes.prune.trilevel import TriLevelPrune
+    from fxpress.recipes import make_recipe
+
+    model, inputs, _, _ = dit
+    graph = capture(model, (), inputs[0])
+    graph.calibration = [Inputs((), kw) for kw in inputs]
+    prune = TriLevelPrune(PruneConfig(cost="params", budget=0.6, scorer="magnitude", rounds=1, channel_group=128),
+                          latency_repeats=2)
+    result, report = Pipeline([prune, *make_recipe("uniform", bits=4).passes()]).run(graph)
+    details = report.passes[0].details
+    assert details["params_after"] <= 0.6 * details["params_before"] and details["removed"]
+    assert details["latency_before_s"] > 0 and details["measured_speedup"] > 0
+    fxpress.save(result, tmp_path / "pruned")
+    loaded = fxpress.load(tmp_path / "pruned")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs[2]).sample, result.module(**inputs[2]).sample)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in result.module.parameters())

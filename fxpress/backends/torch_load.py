@@ -16,6 +16,7 @@ from fxpress.errors import ArtifactError
 from fxpress.ir.artifact import read_artifact
 from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels import entropy
+from fxpress.kernels.bypass import Bypass, StreamArg
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.kernels.packing import unpack_radix
 from fxpress.kernels.timestep_table import TimestepTable, install_feeder
@@ -98,6 +99,31 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
         raise ArtifactError(f"layer {path!r} of the artifact does not exist in the rebuilt model") from exc
 
 
+def _apply_bypasses(model: nn.Module, structure: dict[str, Any]) -> None:
+    """Replace the blocks a pruning pass removed by Bypass modules (before the tensors are placed)."""
+    for path, stream in (structure.get("bypass") or {}).items():
+        if not isinstance(stream, dict):
+            raise ArtifactError(f"pruned block {path!r}: malformed bypass record {stream!r}")
+        _replace(model, path, Bypass(StreamArg.from_json(stream), path))
+
+
+def _apply_attributes(model: nn.Module, structure: dict[str, Any]) -> None:
+    """Set the size attributes a pruning pass changed (heads, features, groups); only existing int attributes."""
+    for path, attrs in (structure.get("attributes") or {}).items():
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError as exc:
+            raise ArtifactError(f"pruned module {path!r} does not exist in the rebuilt model") from exc
+        if isinstance(module, (LowBitLinear, LowBitConv2d)):
+            continue  # a low-bit layer's sizes come from its codes
+        for attr, value in attrs.items():
+            old = getattr(module, attr, None)
+            ints = isinstance(value, int) or isinstance(value, list) and all(isinstance(v, int) for v in value)
+            if not isinstance(old, (int, tuple, list)) or isinstance(old, bool) or not ints:
+                raise ArtifactError(f"pruned module {path!r}: refusing to set {attr!r} to {value!r}")
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+
+
 def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
     """Return the runnable compressed model stored in `directory` (eval mode, on the CPU).
 
@@ -111,6 +137,8 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
         skeleton = build_skeleton(manifest.get("source") or {})
     else:
         skeleton = model() if callable(model) and not isinstance(model, nn.Module) else model
+    structure = manifest.get("structure") or {}
+    _apply_bypasses(skeleton, structure)
     dtypes = manifest.get("dtypes", {})
     decode_start = time.perf_counter()
     for path, entry in manifest.get("lowbit_layers", {}).items():
@@ -129,6 +157,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
     left = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
     if left:
         raise ArtifactError(f"artifact lacks tensors for {left[:5]} ({len(left)} in all)")
+    _apply_attributes(skeleton, structure)
     if time_cache:
         install_feeder(skeleton, time_cache["timestep_input"])
     skeleton.eval()

@@ -84,4 +84,6 @@ def artifact_contents(graph: Graph, codec: str = "rans") -> tuple[dict[str, Any]
     payload = {"source": graph.source, "lowbit_layers": layers, "dtypes": dtypes,
                "time_cache": graph.extras.get("time_cache") if tables else None,
                "annotations": annotations, "inputs": input_spec(graph.example)}
+    if graph.extras.get("structure"):
+        payload["structure"] = graph.extras["structure"]  # pruning: blocks bypassed, module sizes changed
     return payload, tensors

@@ -12,6 +12,7 @@ from __future__ import annotations
 import traceback
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,28 +37,34 @@ def _merged(units: Iterable[Unit]) -> dict[tuple[str, int], set[int]]:
     return cut
 
 
-def _sync_module(module: nn.Module) -> None:
-    """Make a standard module's size attributes agree with its (sliced) weights."""
+def _sync_module(module: nn.Module) -> dict[str, Any]:
+    """Make a standard module's size attributes agree with its (sliced) weights; return what was set."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
+        return {"out_features": module.out_features, "in_features": module.in_features}
+    if isinstance(module, nn.modules.conv._ConvNd):
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.GroupNorm) and module.affine:
+        return {"out_channels": module.out_channels, "in_channels": module.in_channels}
+    if isinstance(module, nn.GroupNorm) and module.affine:
         per_group = module.num_channels // module.num_groups
         module.num_channels = module.weight.shape[0]
         if module.num_channels % per_group:
             raise PassError(f"GroupNorm would keep {module.num_channels} channels, not whole groups of {per_group}",
                             "RemoveUnits")
         module.num_groups = module.num_channels // per_group
-    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        return {"num_channels": module.num_channels, "num_groups": module.num_groups}
+    if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         module.normalized_shape = tuple(module.weight.shape)
-    elif isinstance(module, nn.Embedding):
+        return {"normalized_shape": list(module.normalized_shape)}
+    if isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
+        return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim}
+    return {}
 
 
-def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) -> dict[str, int]:
-    """Remove `units` of each family from `model` in place; return {module path: heads removed}.
+def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) -> dict[str, dict[str, Any]]:
+    """Remove `units` of each family from `model` in place; return the attributes it set, by module path.
 
     Raises PassError when a tensor would lose every channel of a dim, or when a module that splits
     heads has no head-count attribute fxpress knows how to update.
@@ -88,17 +95,21 @@ def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) ->
         else:
             owner.register_buffer(attr, sliced, persistent=attr not in owner._non_persistent_buffers_set)
         touched.add(name.rpartition(".")[0])
-    for path in touched:
-        _sync_module(model.get_submodule(path) if path else model)
+    changed: dict[str, dict[str, Any]] = {}
+    for path in sorted(touched):
+        attrs = _sync_module(model.get_submodule(path) if path else model)
+        if attrs:
+            changed[path] = attrs
     for host, count in heads_removed.items():
         module = model.get_submodule(host)
+        attrs = changed.setdefault(host, {})
         for attr in HEAD_COUNT_ATTRS:
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, getattr(module, attr) - count)
-        inner = getattr(module, "inner_dim", None)
-        if isinstance(inner, int) and hasattr(module, "to_q"):
-            module.inner_dim = module.to_q.out_features
-    return dict(heads_removed)
+                attrs[attr] = getattr(module, attr)
+        if isinstance(getattr(module, "inner_dim", None), int) and hasattr(module, "to_q"):
+            module.inner_dim = attrs["inner_dim"] = module.to_q.out_features
+    return changed
 
 
 def consumer_columns(model: nn.Module, units: Iterable[Unit]) -> list[tuple[nn.Parameter, torch.Tensor]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -122,9 +123,25 @@ def _choose(cands: list[Candidate], scores: dict[str, float], costs: dict[str, f
     return taken
 
 
+@dataclass
+class Pruned:
+    """A pruned copy of a model, what each round removed, and the structure edits an artifact must replay."""
+
+    model: nn.Module
+    rounds: list[PruneRound]
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)  # module path -> attributes set
+    bypassed: dict[str, StreamArg] = field(default_factory=dict)  # removed block -> where its stream is
+
+    def structure(self) -> dict[str, Any]:
+        """Return the JSON-ready edits that turn the unpruned architecture into this one."""
+        inside = tuple(p + "." for p in self.bypassed)
+        return {"bypass": {p: s.to_json() for p, s in self.bypassed.items()},
+                "attributes": {p: a for p, a in self.attributes.items() if not p.startswith(inside)}}
+
+
 def greedy_prune(model: nn.Module, inputs: list[dict], config: PruneConfig,
-                 recover: Callable[[nn.Module, int], None] | None = None) -> tuple[nn.Module, list[PruneRound]]:
-    """Return a pruned copy of `model` (the original is untouched) and what each round removed.
+                 recover: Callable[[nn.Module, int], None] | None = None) -> Pruned:
+    """Return a pruned copy of `model` (the original is untouched) with what each round removed.
 
     `inputs` are calibration kwargs (several timesteps); `recover(model, round)` may fine-tune between
     rounds. Raises RecipeError for a bad config and PassError when nothing more can be removed.
@@ -132,7 +149,7 @@ def greedy_prune(model: nn.Module, inputs: list[dict], config: PruneConfig,
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     student = copy.deepcopy(model).eval().requires_grad_(False)
     target = DistillTarget(teacher, inputs, config.feature_weight) if config.scorer == "kd" else None
-    rounds: list[PruneRound] = []
+    result = Pruned(student, [])
     initial = goal = None
     for index in range(config.rounds * 3):  # a round may fall short; give it a few more tries
         graph = capture(student, (), inputs[0])
@@ -165,10 +182,13 @@ def greedy_prune(model: nn.Module, inputs: list[dict], config: PruneConfig,
             record.removed.setdefault(cand.level, []).append(cand.name)
             if cand.family is not None:
                 by_family.setdefault(cand.family.name, (cand.family, []))[1].extend(cand.units)
-        remove_units(student, list(by_family.values()))
-        bypass_blocks(student, {c.block: streams[c.block] for c in chosen if c.level == "block"})
+        for path, attrs in remove_units(student, list(by_family.values())).items():
+            result.attributes.setdefault(path, {}).update(attrs)
+        gone = {c.block: streams[c.block] for c in chosen if c.level == "block"}
+        bypass_blocks(student, gone)
+        result.bypassed.update(gone)
         if recover is not None:
             recover(student, index)
         record.cost_after = costs.total - sum(saved[c.name] for c in chosen)
-        rounds.append(record)
-    return student, rounds
+        result.rounds.append(record)
+    return result
