@@ -54,8 +54,8 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     """
     recipe = make_recipe(recipe, **overrides)
     example = Inputs.of(example_inputs)
-    if recipe.qat is not None and training_data is None:
-        raise RecipeError("the recipe asks for quantization-aware training (qat) but no training_data was given")
+    if recipe.trains and training_data is None:
+        raise RecipeError(f"the {recipe.name} recipe trains (QAT or KD recovery) but no training_data was given")
     graph = capture(model, example.args, example.kwargs)
     graph.training_data = training_data
     if calibration_inputs:

@@ -33,11 +33,14 @@ def _compress(args: argparse.Namespace) -> int:
         overrides.update(budget_bytes=int(args.budget_mb * 1e6), target_bits=None)
     if args.qat is not None:
         overrides["qat"] = _qat_steps(args.qat)
+    if args.budget is not None:
+        overrides.update(_prune_budget(args.budget))
+    overrides.update(scorer=args.scorer, recovery_steps=args.recovery, quantize=args.then)
     recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
     entry = zoo.get(args.model)
     training_data = getattr(entry, "training_data", None)
-    if recipe.qat is not None and training_data is None:
-        raise FxpressError(f"{args.model} has no training data for QAT; use a testbed model "
+    if recipe.trains and training_data is None:
+        raise FxpressError(f"{args.model} has no training data for QAT or KD recovery; use a testbed model "
                            f"({', '.join(n for n, e in zoo.ZOO.items() if hasattr(e, 'training_data'))})")
     start = time.perf_counter()
     model = entry.build(seed=args.seed)
@@ -47,7 +50,7 @@ def _compress(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     calibration = entry.calibration_inputs(getattr(recipe, "calibration", 1)) if training_data else None
     result = compress(model, example, recipe, verify=not args.no_verify, calibration_inputs=calibration,
-                      training_data=training_data() if recipe.qat is not None else None)
+                      training_data=training_data() if recipe.trains else None)
     result.summary["model"] = args.model
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, the main process writes the artifact
         return 0
@@ -63,6 +66,15 @@ def _qat_steps(text: str) -> dict:
     except ValueError:
         raise FxpressError(f"--qat takes two step counts 'STAGE1,STAGE2', got {text!r}") from None
     return {"stage1_steps": stage1, "stage2_steps": stage2}
+
+
+def _prune_budget(text: str) -> dict:
+    """Parse --budget 'COST=FRACTION' (latency=0.5, flops=0.5, params=0.4) into recipe fields."""
+    cost, _, value = text.partition("=")
+    try:
+        return {"cost": cost.strip(), "budget": float(value)}
+    except ValueError:
+        raise FxpressError(f"--budget takes COST=FRACTION such as latency=0.5, got {text!r}") from None
 
 
 def _print_report(result, info, seconds: float) -> None:
@@ -144,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a zoo model into an artifact directory")
     c.add_argument("model", help="zoo model name (see `fxpress zoo`)")
-    c.add_argument("--recipe", default="bitsfusion", help="bitsfusion, uniform, or a recipe .toml file")
+    c.add_argument("--recipe", default="bitsfusion", help="bitsfusion, uniform, trilevel, or a recipe .toml file")
     c.add_argument("--target-bits", type=float, default=None, help="average log2(levels) per quantized weight")
     c.add_argument("--budget-mb", type=float, default=None, help="artifact byte budget instead of a bit target")
     c.add_argument("--eta", type=float, default=None, help="parameter-size factor of the allocator")
@@ -152,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--qat", default=None, metavar="STAGE1,STAGE2",
                    help="quantization-aware training with these step counts (testbed models; a recipe's [qat] "
                         "table sets the rest)")
+    c.add_argument("--budget", default=None, metavar="COST=FRACTION",
+                   help="trilevel recipe: keep this fraction of latency, flops or params (e.g. latency=0.5)")
+    c.add_argument("--scorer", choices=("kd", "magnitude", "random"), default=None,
+                   help="trilevel recipe: what decides which blocks, heads and channels go")
+    c.add_argument("--recovery", type=int, default=None, metavar="STEPS",
+                   help="trilevel recipe: KD recovery steps after pruning (testbed models)")
+    c.add_argument("--then", choices=("bitsfusion", "uniform"), default=None,
+                   help="trilevel recipe: quantize the pruned model with this recipe's defaults")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="artifact directory to write")
     c.add_argument("--overwrite", action="store_true")

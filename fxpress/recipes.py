@@ -10,6 +10,9 @@ from typing import Any, ClassVar
 from fxpress.errors import RecipeError
 from fxpress.ir.annotations import GRIDS, QuantSpec
 from fxpress.passes.base import Pass
+from fxpress.passes.prune.candidates import LEVELS
+from fxpress.passes.prune.schedule import PruneConfig
+from fxpress.passes.prune.trilevel import TriLevelPrune
 from fxpress.passes.quant.allocate_bits import AllocateBits
 from fxpress.passes.quant.assign_uniform import AssignUniform
 from fxpress.passes.quant.qat import QuantAwareTraining
@@ -46,6 +49,11 @@ class BitsFusionRecipe:
     codec: str = "rans"
     qat: QATConfig | None = None  # two-stage quantization-aware training instead of rounding once
     version: int = RECIPE_VERSION
+
+    @property
+    def trains(self) -> bool:
+        """True when the recipe needs training data (quantization-aware training)."""
+        return self.qat is not None
 
     def options(self) -> tuple[str, ...]:
         """Return the option keys (grid, width) the allocator may choose from."""
@@ -108,6 +116,11 @@ class UniformRecipe:
     qat: QATConfig | None = None
     version: int = RECIPE_VERSION
 
+    @property
+    def trains(self) -> bool:
+        """True when the recipe needs training data (quantization-aware training)."""
+        return self.qat is not None
+
     def validate(self) -> UniformRecipe:
         """Return self, or raise RecipeError naming the first invalid field."""
         _common_checks(self)
@@ -124,8 +137,57 @@ class UniformRecipe:
                 AssignUniform(spec), _quantize(self.qat), RoundToStorage(self.storage_dtype)]
 
 
-RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe}
-Recipe = BitsFusionRecipe | UniformRecipe
+@dataclass(frozen=True)
+class TriLevelRecipe:
+    """Tri-level structured pruning (blocks, heads, channel groups) to a budget of latency, FLOPs or
+    parameters, scored by KD (or magnitude / random), with optional KD recovery; `quantize` names a
+    quantization recipe ('bitsfusion', 'uniform') to run on the pruned model with its defaults."""
+
+    name: ClassVar[str] = "trilevel"
+    cost: str = "latency"
+    budget: float = 0.5
+    scorer: str = "kd"
+    levels: tuple[str, ...] = LEVELS
+    channel_group: int = 16
+    rounds: int = 4
+    feature_weight: float = 1.0
+    recovery_steps: int = 0
+    round_recovery_steps: int = 0
+    calibration: int = 4
+    quantize: str | None = None
+    codec: str = "rans"
+    keep: tuple[str, ...] = ()
+    version: int = RECIPE_VERSION
+
+    @property
+    def trains(self) -> bool:
+        """True when KD recovery needs training data."""
+        return self.recovery_steps > 0 or self.round_recovery_steps > 0
+
+    def prune_config(self) -> PruneConfig:
+        """Return the scheduler's config (validated)."""
+        return PruneConfig(self.cost, self.budget, self.scorer, self.levels, self.channel_group, self.rounds,
+                           self.feature_weight)
+
+    def validate(self) -> TriLevelRecipe:
+        """Return self, or raise RecipeError naming the first invalid field."""
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version} is not supported (this fxpress: {RECIPE_VERSION})")
+        self.prune_config()
+        if self.recovery_steps < 0 or self.round_recovery_steps < 0 or self.calibration < 1:
+            raise RecipeError("recovery steps must be >= 0 and calibration >= 1")
+        if self.quantize is not None and self.quantize not in ("bitsfusion", "uniform"):
+            raise RecipeError(f"quantize must be 'bitsfusion', 'uniform' or absent, got {self.quantize!r}")
+        return self
+
+    def passes(self) -> list[Pass]:
+        """Return the pass list this recipe stands for: prune, then (optionally) quantize."""
+        prune = TriLevelPrune(self.prune_config(), self.recovery_steps, self.round_recovery_steps)
+        return [prune, *(RECIPES[self.quantize]().passes() if self.quantize else [])]
+
+
+RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe, "trilevel": TriLevelRecipe}
+Recipe = BitsFusionRecipe | UniformRecipe | TriLevelRecipe
 
 
 def _quantize(qat: QATConfig | None) -> Pass:
@@ -156,7 +218,7 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
     overrides = {k: v for k, v in overrides.items() if v is not None or k == "target_bits"}
     if overrides.get("target_bits", 0) is None and "budget_bytes" not in overrides:
         overrides.pop("target_bits")
-    if isinstance(spec, (BitsFusionRecipe, UniformRecipe)):
+    if isinstance(spec, (BitsFusionRecipe, UniformRecipe, TriLevelRecipe)):
         base, data = spec, {}
     else:
         if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".toml")):

@@ -99,6 +99,17 @@ class Graph:
                 node.meta[META_KEY] = ann
         return new
 
+    def recapture(self, module: nn.Module) -> Graph:
+        """Return a new Graph of `module` (say, this model after a structural edit) exported on this Graph's
+        example inputs; calibration, source, training data and extras carry over, annotations do not."""
+        exported = torch.export.export(module, tuple(self.example.args), dict(self.example.kwargs), strict=False)
+        sig = exported.graph_signature
+        new = Graph(module, exported.graph_module, dict(sig.inputs_to_parameters), self.example, self.calibration,
+                    self.source, list(sig.user_inputs),
+                    {**sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants})
+        new.training_data, new.extras = self.training_data, copy.deepcopy(self.extras)
+        return new
+
     @torch.no_grad()
     def run(self, inputs: Inputs | None = None) -> Any:
         """Run the module on `inputs` (the example inputs by default)."""

@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from fxpress.errors import PassError, RecipeError
-from fxpress.frontends.capture import capture
 from fxpress.ir.blocks import block_units
 from fxpress.ir.dependency import dependency_groups
+from fxpress.ir.graph import Graph
 from fxpress.passes.prune.bypass import StreamArg, bypass_blocks, find_stream_args
 from fxpress.passes.prune.candidates import LEVELS, Candidate, build_candidates
 from fxpress.passes.prune.costs import COST_KINDS, build_cost_model, candidate_cost
@@ -139,29 +139,30 @@ class Pruned:
                 "attributes": {p: a for p, a in self.attributes.items() if not p.startswith(inside)}}
 
 
-def greedy_prune(model: nn.Module, inputs: list[dict], config: PruneConfig,
+def greedy_prune(graph: Graph, config: PruneConfig,
                  recover: Callable[[nn.Module, int], None] | None = None) -> Pruned:
-    """Return a pruned copy of `model` (the original is untouched) with what each round removed.
+    """Return a pruned copy of `graph.module` (the original is untouched) with what each round removed.
 
-    `inputs` are calibration kwargs (several timesteps); `recover(model, round)` may fine-tune between
-    rounds. Raises RecipeError for a bad config and PassError when nothing more can be removed.
+    The graph's calibration inputs (keyword arguments, several timesteps) drive scoring and checks;
+    `recover(model, round)` may fine-tune between rounds. Raises PassError when nothing more can go.
     """
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    student = copy.deepcopy(model).eval().requires_grad_(False)
+    inputs = [c.kwargs for c in graph.calibration]
+    teacher = copy.deepcopy(graph.module).eval().requires_grad_(False)
+    student = copy.deepcopy(graph.module).eval().requires_grad_(False)
     target = DistillTarget(teacher, inputs, config.feature_weight) if config.scorer == "kd" else None
     result = Pruned(student, [])
     initial = goal = None
     for index in range(config.rounds * 3):  # a round may fall short; give it a few more tries
-        graph = capture(student, (), inputs[0])
-        costs = build_cost_model(graph, config.cost, config.latency_repeats)
+        current = graph.recapture(student)
+        costs = build_cost_model(current, config.cost, config.latency_repeats)
         if initial is None:
             initial = costs.total
             goal = config.budget * initial
         if costs.total <= goal:
             break
         record = PruneRound(cost_before=costs.total)
-        groups = validate_groups(student, dependency_groups(graph), inputs[:1])
-        paths = [b.path for b in block_units(graph).blocks] if "block" in config.levels else []
+        groups = validate_groups(student, dependency_groups(current), inputs[:1])
+        paths = [b.path for b in block_units(current).blocks] if "block" in config.levels else []
         streams = _streams(student, paths, inputs[0], record.refused_blocks)
         cands = build_candidates(student, groups, list(streams), levels=config.levels,
                                  channel_group=config.channel_group)

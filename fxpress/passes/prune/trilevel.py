@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from fxpress.errors import PassError
-from fxpress.frontends.capture import capture
 from fxpress.ir.graph import Graph, Inputs
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.prune.recovery import recover
@@ -53,8 +52,9 @@ class TriLevelPrune(Pass):
             raise PassError("KD recovery needs training data (compress(..., training_data=...))", self.name)
         if graph.example.args:
             raise PassError("pruning needs the model's inputs as keyword arguments", self.name)
+        if any(c.args for c in graph.calibration):
+            raise PassError("pruning needs calibration inputs as keyword arguments", self.name)
         teacher = copy.deepcopy(graph.module).eval()
-        inputs = [c.kwargs for c in graph.calibration]
 
         def between(model: nn.Module, index: int) -> None:
             if self.round_recovery_steps:
@@ -62,14 +62,12 @@ class TriLevelPrune(Pass):
                         lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + index)
 
         latency_before = measure_latency(graph.module, graph.example, self.latency_repeats)
-        result = greedy_prune(graph.module, inputs, self.config, between)
+        result = greedy_prune(graph, self.config, between)
         losses = recover(result.model, teacher, graph.training_data, self.recovery_steps, batch=self.batch,
                          lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + 1000) \
             if self.recovery_steps else []
         latency_after = measure_latency(result.model, graph.example, self.latency_repeats)
-        pruned = capture(result.model, graph.example.args, graph.example.kwargs)
-        pruned.calibration, pruned.training_data = graph.calibration, graph.training_data
-        pruned.source, pruned.extras = graph.source, dict(graph.extras)
+        pruned = graph.recapture(result.model)
         pruned.extras["structure"] = result.structure()
         removed: dict[str, int] = {}
         for record in result.rounds:
