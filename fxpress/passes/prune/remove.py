@@ -63,6 +63,29 @@ def _sync_module(module: nn.Module) -> dict[str, Any]:
     return {}
 
 
+def _sizes(layer: nn.Module) -> tuple[int, int]:
+    """Return (input, output) channels of a Linear or Conv from its weight."""
+    groups = getattr(layer, "groups", 1)
+    return int(layer.weight.shape[1]) * groups, int(layer.weight.shape[0])
+
+
+def _sync_wrapper(parent: nn.Module, old_in: int, old_out: int, new: tuple[int, int]) -> dict[str, Any]:
+    """A module wrapping exactly one layer (diffusers' Downsample2D: `channels`, `out_channels`) often
+    mirrors its sizes and checks them in forward: update those mirrors; return what was set."""
+    layers = [m for m in parent.children() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if len(layers) != 1 or isinstance(parent, (nn.Linear, nn.modules.conv._ConvNd)):
+        return {}
+    set_: dict[str, Any] = {}
+    for attr, old, value in (("channels", old_in, new[0]), ("in_channels", old_in, new[0]),
+                             ("in_features", old_in, new[0]), ("out_channels", old_out, new[1]),
+                             ("out_features", old_out, new[1])):
+        current = getattr(parent, attr, None)
+        if isinstance(current, int) and not isinstance(current, bool) and current == old and old != value:
+            setattr(parent, attr, value)
+            set_[attr] = value
+    return set_
+
+
 def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) -> dict[str, dict[str, Any]]:
     """Remove `units` of each family from `model` in place; return the attributes it set, by module path.
 
@@ -84,7 +107,9 @@ def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) ->
             raise PassError(f"{type(module).__name__} splits heads but has none of the attributes "
                             f"{HEAD_COUNT_ATTRS}; fxpress cannot tell it it has {count} fewer", "RemoveUnits",
                             module_path=host)
-    touched: set[str] = set()
+    layer_types = (nn.Linear, nn.modules.conv._ConvNd)
+    touched = {name.rpartition(".")[0] for name, _ in cuts}
+    old_sizes = {p: _sizes(model.get_submodule(p)) for p in touched if isinstance(model.get_submodule(p), layer_types)}
     for (name, dim), idx in cuts.items():
         owner, attr = _owner(model, name)
         tensor = getattr(owner, attr)
@@ -94,12 +119,17 @@ def remove_units(model: nn.Module, removals: list[tuple[Family, list[Unit]]]) ->
             setattr(owner, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
         else:
             owner.register_buffer(attr, sliced, persistent=attr not in owner._non_persistent_buffers_set)
-        touched.add(name.rpartition(".")[0])
     changed: dict[str, dict[str, Any]] = {}
     for path in sorted(touched):
         attrs = _sync_module(model.get_submodule(path) if path else model)
         if attrs:
             changed[path] = attrs
+    for path, (old_in, old_out) in old_sizes.items():
+        parent_path = path.rpartition(".")[0]
+        attrs = _sync_wrapper(model.get_submodule(parent_path) if parent_path else model, old_in, old_out,
+                              _sizes(model.get_submodule(path)))
+        if attrs:
+            changed.setdefault(parent_path, {}).update(attrs)
     for host, count in heads_removed.items():
         module = model.get_submodule(host)
         attrs = changed.setdefault(host, {})
