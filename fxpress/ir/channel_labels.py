@@ -278,6 +278,25 @@ class _Replay:
         self.env[node] = out
 
 
+    def elementwise_with_params(self, node: fx.Node, x: torch.Tensor | None, channel_dim: int,
+                                params: tuple) -> None:
+        """The result of a norm keeps x's labels, coupled with its weight/bias along `channel_dim`."""
+        val = node.meta["val"]
+        out = x.clone() if x is not None else torch.full(tuple(val.shape), NONE, dtype=torch.long)
+        for p in params:
+            labels = self.env.get(p) if isinstance(p, fx.Node) else None
+            if labels is None:
+                continue
+            shape = [1] * out.dim()
+            shape[channel_dim] = labels.numel()
+            if labels.dim() > 1:  # layer_norm over several trailing dims
+                shape = [1] * (out.dim() - labels.dim()) + list(labels.shape)
+            spread = labels.reshape(shape).expand(out.shape)
+            self.couple_pairs(out, spread)
+            out = torch.where(out >= 0, out, spread)
+        self.env[node] = out
+
+
 def _flatten(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -432,26 +451,6 @@ def _index(self: _Replay, node: fx.Node) -> None:
     self.env[node] = torch.ops.aten.index.Tensor(x, zeros)
 
 
-def _elementwise_with_params(self: _Replay, node: fx.Node, x: torch.Tensor | None, channel_dim: int,
-                             params: tuple) -> None:
-    """The result of a norm keeps x's labels, coupled with its weight/bias along `channel_dim`."""
-    val = node.meta["val"]
-    out = x.clone() if x is not None else torch.full(tuple(val.shape), NONE, dtype=torch.long)
-    for p in params:
-        labels = self.env.get(p) if isinstance(p, fx.Node) else None
-        if labels is None:
-            continue
-        shape = [1] * out.dim()
-        shape[channel_dim] = labels.numel()
-        if labels.dim() > 1:  # layer_norm over several trailing dims
-            shape = [1] * (out.dim() - labels.dim()) + list(labels.shape)
-        spread = labels.reshape(shape).expand(out.shape)
-        self.couple_pairs(out, spread)
-        out = torch.where(out >= 0, out, spread)
-    self.env[node] = out
-
-
-_Replay.elementwise_with_params = _elementwise_with_params
 
 _HANDLERS = {
     "aten.linear.default": _weight_layer,
