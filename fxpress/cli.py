@@ -20,7 +20,6 @@ console = Console(width=max(Console().width, 150))
 
 
 def _compress(args: argparse.Namespace) -> int:
-    import torch
 
     from fxpress.api import compress, save
     from fxpress.frontends import zoo
@@ -47,7 +46,6 @@ def _compress(args: argparse.Namespace) -> int:
     example = entry.example_inputs(seed=args.seed)
     console.log(f"built {args.model}: {sum(p.numel() for p in model.parameters()):,} params "
                 f"in {time.perf_counter() - start:.1f} s")
-    torch.set_grad_enabled(False)
     calibration = entry.calibration_inputs(getattr(recipe, "calibration", 1)) if training_data else None
     result = compress(model, example, recipe, verify=not args.no_verify, calibration_inputs=calibration,
                       training_data=training_data() if recipe.trains else None)
@@ -193,9 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for an fxpress error)."""
+    import torch
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with torch.no_grad():  # commands only infer; training passes turn gradients on themselves
+            return args.func(args)
     except FxpressError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
         return 2

@@ -66,13 +66,11 @@ def resolve_model(name: str, testbed: str | None):
 
 def run_quality(args: argparse.Namespace, console: Console) -> int:
     """Evaluate every model on the same prompts and seeds; print a table, write the PNG grid."""
-    import torch
 
     from fxpress.testbed.grid import grid_png
     from fxpress.testbed.models import load_testbed
     from fxpress.testbed.quality import evaluate
 
-    torch.set_grad_enabled(False)
     resolved = [resolve_model(m, args.testbed) for m in args.models]
     names = {t for t, _, _ in resolved}
     if len(names) > 1:

@@ -45,7 +45,9 @@ def recover(student: nn.Module, teacher: nn.Module, data: DiffusionData, steps: 
         return loss
 
     try:
-        losses = train_loop(loss_fn, optimizer, steps, ctx, {"student": unwrap(model)}, description="KD recovery")
+        with torch.enable_grad():
+            losses = train_loop(loss_fn, optimizer, steps, ctx, {"student": unwrap(model)},
+                                description="KD recovery")
     finally:
         taps_s.close()
         taps_t.close()
