@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from fxpress.errors import RecipeError
 from fxpress.ir.annotations import GRIDS, QuantSpec
 from fxpress.passes.base import Pass
-from fxpress.passes.prune.candidates import LEVELS
 from fxpress.passes.prune.schedule import PruneConfig
 from fxpress.passes.prune.trilevel import TriLevelPrune
 from fxpress.passes.quant.allocate_bits import AllocateBits
@@ -144,13 +143,7 @@ class TriLevelRecipe:
     quantization recipe ('bitsfusion', 'uniform') to run on the pruned model with its defaults."""
 
     name: ClassVar[str] = "trilevel"
-    cost: str = "latency"
-    budget: float = 0.5
-    scorer: str = "kd"
-    levels: tuple[str, ...] = LEVELS
-    channel_group: int = 16
-    rounds: int = 4
-    feature_weight: float = 1.0
+    prune: PruneConfig = field(default_factory=PruneConfig)  # flat keys (cost, budget, ...) fold into it
     recovery_steps: int = 0
     round_recovery_steps: int = 0
     calibration: int = 4
@@ -164,16 +157,12 @@ class TriLevelRecipe:
         """True when KD recovery needs training data."""
         return self.recovery_steps > 0 or self.round_recovery_steps > 0
 
-    def prune_config(self) -> PruneConfig:
-        """Return the scheduler's config (validated)."""
-        return PruneConfig(self.cost, self.budget, self.scorer, self.levels, self.channel_group, self.rounds,
-                           self.feature_weight)
-
     def validate(self) -> TriLevelRecipe:
         """Return self, or raise RecipeError naming the first invalid field."""
         if self.version != RECIPE_VERSION:
             raise RecipeError(f"recipe version {self.version} is not supported (this fxpress: {RECIPE_VERSION})")
-        self.prune_config()
+        if not isinstance(self.prune, PruneConfig):
+            raise RecipeError(f"prune must be a PruneConfig or a table of its fields, got {type(self.prune).__name__}")
         if self.recovery_steps < 0 or self.round_recovery_steps < 0 or self.calibration < 1:
             raise RecipeError("recovery steps must be >= 0 and calibration >= 1")
         if self.quantize is not None and self.quantize not in ("bitsfusion", "uniform"):
@@ -182,7 +171,7 @@ class TriLevelRecipe:
 
     def passes(self) -> list[Pass]:
         """Return the pass list this recipe stands for: prune, then (optionally) quantize."""
-        prune = TriLevelPrune(self.prune_config(), self.recovery_steps, self.round_recovery_steps)
+        prune = TriLevelPrune(self.prune, self.recovery_steps, self.round_recovery_steps)
         return [prune, *(RECIPES[self.quantize]().passes() if self.quantize else [])]
 
 
@@ -210,6 +199,21 @@ def _common_checks(recipe: Any) -> None:
         raise RecipeError(f"keep entries must be non-empty strings, got {list(recipe.keep)}")
 
 
+def _fold_prune(base: TriLevelRecipe, data: dict[str, Any]) -> dict[str, Any]:
+    """Flat pruning keys (cost = "flops", budget = 0.5, ...) and a [prune] table become one PruneConfig."""
+    names = {f.name for f in fields(PruneConfig)}
+    flat = {k: data.pop(k) for k in list(data) if k in names}
+    table = data.pop("prune", None)
+    table = vars(table) if isinstance(table, PruneConfig) else dict(table or {})
+    if flat or table:
+        merged = {k: tuple(v) if isinstance(v, list) else v for k, v in {**vars(base.prune), **table, **flat}.items()}
+        try:
+            data["prune"] = PruneConfig(**merged)
+        except TypeError as exc:
+            raise RecipeError(f"invalid pruning settings: {exc}") from exc
+    return data
+
+
 def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) -> Recipe:
     """Return a validated recipe from a name ('bitsfusion'), a TOML file, a dict or a recipe, with overrides.
 
@@ -235,9 +239,11 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
             raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
         base = RECIPES[name]()
     if isinstance(overrides.get("qat"), dict):  # --qat steps refine a recipe's [qat] table, not replace it
-        earlier = data.get("qat") or (vars(base.qat) if base.qat is not None else {})
+        earlier = data.get("qat") or (vars(base.qat) if getattr(base, "qat", None) is not None else {})
         overrides = {**overrides, "qat": {**earlier, **overrides["qat"]}}
     data.update(overrides)
+    if isinstance(base, TriLevelRecipe):
+        data = _fold_prune(base, data)
     known = {f.name for f in fields(base)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -97,8 +97,8 @@ def test_bypassed_blocks_equal_hooked_blocks_and_drop_their_parameters():
     model, inputs = _model("digits-dit")
     graph = capture(model, (), inputs[0])
     paths = [b.path for b in block_units(graph).blocks][1::2]  # blocks 1, 3, 5
-    streams = find_stream_args(model, paths, inputs[0])
-    assert streams["transformer_blocks.1"].position == 0
+    streams, refused = find_stream_args(model, paths, inputs[0])
+    assert streams["transformer_blocks.1"].position == 0 and not refused
     hooked, pruned = copy.deepcopy(model), copy.deepcopy(model)
     handles = bypass_hooks(hooked, streams)
     removed = bypass_blocks(pruned, streams)

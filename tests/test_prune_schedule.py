@@ -166,3 +166,16 @@ def test_kd_recovery_trains_the_pruned_trained_dit():
         losses = recover(student, teacher, entry.training_data(), 12, batch=8, lr=1e-3)
     assert len(losses) == 12 and sum(losses[-4:]) < sum(losses[:4])
     assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_trilevel_recipe_folds_flat_keys_and_tables_into_one_prune_config(tmp_path):
+    from fxpress.recipes import make_recipe
+
+    recipe = make_recipe("trilevel", cost="flops", budget=0.4, recovery_steps=10)
+    assert recipe.prune == PruneConfig(cost="flops", budget=0.4) and recipe.trains
+    toml = tmp_path / "r.toml"
+    toml.write_text('recipe = "trilevel"\nscorer = "random"\n[prune]\nrounds = 2\nlevels = ["head"]\n')
+    assert make_recipe(toml, budget=0.3).prune == PruneConfig(budget=0.3, scorer="random", rounds=2, levels=("head",))
+    for bad in ({"rounds": 0}, {"depth": 3}, {"qat": {"stage1_steps": 1}}):
+        with pytest.raises(RecipeError):
+            make_recipe("trilevel", **bad)

@@ -143,6 +143,8 @@ def dependency_groups(graph: Graph) -> DependencyGroups:
         family = families.get(key)
         if family is None:
             name = f"heads of {host}" if heads else " + ".join(outs)
+            taken = sum(f.name == name or f.name.startswith(name + " #") for f in families.values())
+            name = f"{name} #{taken + 1}" if taken else name  # same producers, other slices: keep names unique
             family = families[key] = Family(name, kind, [], host, key[2])
         family.units.append(Unit(slices, kind))
     for family in families.values():

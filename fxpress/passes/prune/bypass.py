@@ -33,28 +33,31 @@ def _stream_arg(path: str, args: tuple, kwargs: dict[str, Any], output: Any) -> 
 
 
 @torch.no_grad()
-def find_stream_args(model: nn.Module, paths: list[str], inputs: dict[str, Any]) -> dict[str, StreamArg]:
-    """Run `model` once on `inputs` and return, for each block path, where its stream input is.
-
-    Raises PassError naming the block when it is called more than once or the stream is ambiguous.
-    """
+def find_stream_args(model: nn.Module, paths: list[str],
+                     inputs: dict[str, Any]) -> tuple[dict[str, StreamArg], dict[str, str]]:
+    """Run `model` once on `inputs`; return where each block's stream input is, and the blocks that
+    cannot be bypassed with the reason (called more than once, ambiguous stream, never run)."""
     found: dict[str, StreamArg] = {}
+    refused: dict[str, str] = {}
+    calls: dict[str, int] = {}
     handles = []
     for path in paths:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, path: str = path) -> None:
-            if path in found:
-                raise PassError("the block is called more than once", "BypassBlocks", module_path=path)
-            found[path] = _stream_arg(path, args, kwargs, output)
+            calls[path] = calls.get(path, 0) + 1
+            try:
+                found[path] = _stream_arg(path, args, kwargs, output)
+            except PassError as exc:
+                refused[path] = str(exc)
         handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
     try:
         model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
-    missing = [p for p in paths if p not in found]
-    if missing:
-        raise PassError(f"blocks {missing} never ran on the example inputs", "BypassBlocks")
-    return found
+    for path in paths:
+        if calls.get(path, 0) != 1:
+            refused[path] = f"called {calls.get(path, 0)} times on the example inputs"
+    return {p: s for p, s in found.items() if p not in refused}, refused
 
 
 def bypass_hooks(model: nn.Module, streams: dict[str, StreamArg]) -> list:

@@ -65,16 +65,6 @@ class PruneRound:
     refused_blocks: dict[str, str] = field(default_factory=dict)
 
 
-def _streams(model: nn.Module, paths: list[str], inputs: dict, refused: dict[str, str]) -> dict[str, StreamArg]:
-    streams = {}
-    for path in paths:
-        try:
-            streams.update(find_stream_args(model, [path], inputs))
-        except PassError as exc:
-            refused[path] = str(exc)
-    return streams
-
-
 def _inside(cand: Candidate, block: str) -> bool:
     return any(name.startswith(block + ".") for unit in cand.units for name, _ in unit.slices)
 
@@ -163,7 +153,8 @@ def greedy_prune(graph: Graph, config: PruneConfig,
         record = PruneRound(cost_before=costs.total)
         groups = validate_groups(student, dependency_groups(current), inputs[:1])
         paths = [b.path for b in block_units(current).blocks] if "block" in config.levels else []
-        streams = _streams(student, paths, inputs[0], record.refused_blocks)
+        streams, refused_blocks = find_stream_args(student, paths, inputs[0])
+        record.refused_blocks.update(refused_blocks)
         cands = build_candidates(student, groups, list(streams), levels=config.levels,
                                  channel_group=config.channel_group)
         saved = {c.name: candidate_cost(costs, c) for c in cands}
