@@ -62,9 +62,4 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
     finally:
         for handle in handles:
             handle.remove()
-    sig = exported.graph_signature
-    param_names = dict(sig.inputs_to_parameters)
-    example = Inputs(tuple(args), kwargs)
-    buffer_names = {**sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
-    return Graph(model, exported.graph_module, param_names, example, calibration,
-                 source=describe_source(model), input_names=list(sig.user_inputs), buffer_names=buffer_names)
+    return Graph.from_export(model, exported, Inputs(tuple(args), kwargs), calibration, describe_source(model))

@@ -99,14 +99,19 @@ class Graph:
                 node.meta[META_KEY] = ann
         return new
 
+    @classmethod
+    def from_export(cls, module: nn.Module, exported: Any, example: Inputs, calibration: list[Inputs] | None = None,
+                    source: dict[str, Any] | None = None) -> Graph:
+        """Return the Graph of `module` from its torch.export ExportedProgram."""
+        sig = exported.graph_signature
+        return cls(module, exported.graph_module, dict(sig.inputs_to_parameters), example, calibration, source,
+                   list(sig.user_inputs), {**sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants})
+
     def recapture(self, module: nn.Module) -> Graph:
         """Return a new Graph of `module` (say, this model after a structural edit) exported on this Graph's
         example inputs; calibration, source, training data and extras carry over, annotations do not."""
         exported = torch.export.export(module, tuple(self.example.args), dict(self.example.kwargs), strict=False)
-        sig = exported.graph_signature
-        new = Graph(module, exported.graph_module, dict(sig.inputs_to_parameters), self.example, self.calibration,
-                    self.source, list(sig.user_inputs),
-                    {**sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants})
+        new = Graph.from_export(module, exported, self.example, self.calibration, self.source)
         new.training_data, new.extras = self.training_data, copy.deepcopy(self.extras)
         return new
 
