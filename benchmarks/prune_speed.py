@@ -1,8 +1,9 @@
-"""Benchmark: prune zoo models to a FLOPs budget and measure the CPU latency they gain.
+"""Benchmark: prune zoo models to a FLOPs (or latency) budget and measure the CPU latency they gain.
 
-For each model: capture, prune to `--budget` of its FLOPs (tri-level, `--scorer`, no recovery:
-speed does not depend on the weights), check the pruned model runs, recaptures and survives an
-artifact round trip bit for bit, and time a forward before and after (median of `--repeats`).
+For each model: capture, prune to `--budget` of its FLOPs or, with `--cost latency`, of its per-node
+latency model (tri-level, `--scorer`, no recovery: speed does not depend on the weights), check the
+pruned model runs, recaptures and survives an artifact round trip bit for bit, and time a forward
+before and after (median of `--repeats`).
 
 Run: .venv/bin/python benchmarks/prune_speed.py [--models dit-s,sd15-unet --budget 0.5]
 """
@@ -33,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="dit-s,sd15-unet")
     parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--cost", default="flops", choices=("flops", "latency", "params"),
+                        help="what the budget counts")
     parser.add_argument("--scorer", default="magnitude", choices=("kd", "magnitude", "random"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--channel-group", type=int, default=64)
@@ -47,7 +50,7 @@ def main() -> None:
         graph = capture(model, example.args, example.kwargs)
         t_name = timestep_input(graph.input_names)
         graph.calibration = spread_timesteps(graph.example, t_name, 2) if t_name else [graph.example]
-        config = PruneConfig("flops", args.budget, args.scorer, channel_group=args.channel_group, rounds=args.rounds)
+        config = PruneConfig(args.cost, args.budget, args.scorer, channel_group=args.channel_group, rounds=args.rounds)
         result = TriLevelPrune(config, latency_repeats=args.repeats).run(graph)
         seconds = time.perf_counter() - start
         pruned = result.graph
@@ -61,7 +64,7 @@ def main() -> None:
         after = measure_latency(pruned.module, graph.example, args.repeats)
         rows.append((name, result.report, flops, before, after, same, seconds))
         print(name, result.report["removed"], f"flops {flops:.3f}", f"{before:.3f}s -> {after:.3f}s", flush=True)
-    print(f"\nbudget flops={args.budget}, scorer {args.scorer}, {args.rounds} rounds; latency: median of "
+    print(f"\nbudget {args.cost}={args.budget}, scorer {args.scorer}, {args.rounds} rounds; latency: median of "
           f"{args.repeats} forwards of the zoo example inputs on this CPU ({torch.get_num_threads()} threads)")
     print("| model | params before → after | FLOPs kept | removed (blocks/heads/channel groups) | latency before | "
           "latency after | speed-up | artifact round trip | prune seconds |")
