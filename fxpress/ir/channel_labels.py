@@ -305,15 +305,14 @@ def _flatten(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _where(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()))[0] if stack else ""
-    return f"node {node.name}" + (f" in {path!r}" if path else "")
-
-
 def _module_of(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _where(node: fx.Node) -> str:
+    path = _module_of(node)
+    return f"node {node.name}" + (f" in {path!r}" if path else "")
 
 
 def _weight_layer(self: _Replay, node: fx.Node) -> None:
