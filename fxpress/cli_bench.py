@@ -17,8 +17,8 @@ def add_bench_parser(sub, console: Console) -> None:
     b = sub.add_parser("bench", help="measure models")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="sample accuracy, Fréchet distance and denoising MSE on a testbed")
-    q.add_argument("models", nargs="+", help="testbed zoo models (testbed-digits-unet, testbed-digits-dit) "
-                                             "or artifact directories; "
+    q.add_argument("models", nargs="+", help="testbed zoo models (testbed-digits-unet, testbed-digits-dit, "
+                                             "testbed-shapes-unet) or artifact directories; "
                                              "several are compared on the same seeds, side by side")
     q.add_argument("--testbed", default=None, help="testbed to judge on (default: the one the model came from)")
     q.add_argument("--per-prompt", type=int, default=30, help="samples per evaluation prompt")

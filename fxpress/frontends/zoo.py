@@ -223,6 +223,9 @@ ZOO: dict[str, ZooEntry | TestbedEntry] = {
     "testbed-digits-unet": TestbedEntry("testbed-digits-unet", "trained UNet2DConditionModel of the digits "
                                         "testbed (16x16, caption-conditioned through a small CLIPTextModel)",
                                         "digits"),
+    "testbed-shapes-unet": TestbedEntry("testbed-shapes-unet", "trained UNet2DConditionModel of the captioned "
+                                        "shapes testbed (32x32 RGB, shape/colour/size/position captions, "
+                                        "v-prediction)", "shapes"),
     "testbed-digits-dit": TestbedEntry("testbed-digits-dit", "trained PixArtTransformer2DModel (DiT, 6 blocks, "
                                        "4 heads) of the digits testbed, caption-conditioned through a small "
                                        "CLIPTextModel", "digits-dit"),

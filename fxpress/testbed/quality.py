@@ -67,8 +67,9 @@ def classify(testbed: Testbed, images: torch.Tensor, batch: int = 500) -> tuple[
 @torch.no_grad()
 def denoising_mse(testbed: Testbed, model: nn.Module, images: torch.Tensor, captions: list[str], seed: int = 0,
                   batch: int = 250) -> float:
-    """Return the mean noise-prediction MSE on held-out images at seeded timesteps and noise."""
-    scheduler = training_scheduler()
+    """Return the mean noise-prediction MSE on held-out images at seeded timesteps and noise (a velocity
+    model's prediction is turned into the noise it implies, so both kinds are measured alike)."""
+    scheduler = training_scheduler(testbed.spec.prediction)
     gen = torch.Generator().manual_seed(seed)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)
     noise = torch.randn(images.shape, generator=gen)
@@ -77,6 +78,9 @@ def denoising_mse(testbed: Testbed, model: nn.Module, images: torch.Tensor, capt
         sl = slice(lo, lo + batch)
         noisy = scheduler.add_noise(images[sl], noise[sl], t[sl])
         eps = predict_noise(model, noisy, t[sl], testbed.encode(captions[sl]), testbed.spec.sample_input)
+        if testbed.spec.prediction == "v_prediction":  # eps = sqrt(a) v + sqrt(1 - a) x_t
+            alpha = scheduler.alphas_cumprod[t[sl]].view(-1, *[1] * (noisy.dim() - 1))
+            eps = alpha.sqrt() * eps + (1 - alpha).sqrt() * noisy
         total += float((eps - noise[sl]).square().sum())
     return total / noise.numel()
 
@@ -98,7 +102,8 @@ def evaluate(testbed: Testbed, model: nn.Module | None = None, *, per_prompt: in
     cond = testbed.encode(captions)
     uncond = testbed.encode([""])
     images = sample_images(model, cond, uncond, (spec.channels, spec.resolution, spec.resolution), steps=steps,
-                           guidance=guidance, seed=seed, sample_input=spec.sample_input)
+                           guidance=guidance, seed=seed, sample_input=spec.sample_input,
+                           prediction=spec.prediction)
     predicted, features = classify(testbed, images)
     wanted = {name: torch.tensor([f[name] for _, f in prompts for _ in range(per_prompt)]) for name in spec.factors}
     hits = {name: predicted[name] == wanted[name] for name in spec.factors}

@@ -12,17 +12,24 @@ from fxpress.ir.graph import output_tensors
 
 SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
                             "prediction_type": "epsilon"}
+PREDICTIONS = ("epsilon", "v_prediction")
 
 
-def training_scheduler() -> DDPMScheduler:
+def schedule(prediction: str = "epsilon") -> dict[str, Any]:
+    """Return the testbeds' schedule for a model predicting the noise ('epsilon') or the velocity."""
+    return {**SCHEDULE, "prediction_type": prediction}
+
+
+def training_scheduler(prediction: str = "epsilon") -> DDPMScheduler:
     """Return the noise schedule the testbed models are trained with."""
-    return DDPMScheduler(**SCHEDULE, clip_sample=True)
+    return DDPMScheduler(**schedule(prediction), clip_sample=True)
 
 
 def predict_noise(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
                   sample_input: str = "sample") -> torch.Tensor:
-    """Return the noise prediction of a denoiser taking the noisy sample as keyword `sample_input`
-    ("sample" for UNets, "hidden_states" for DiTs); its output may be a diffusers output, tuple or tensor."""
+    """Return the prediction (noise or velocity) of a denoiser taking the noisy sample as keyword
+    `sample_input` ("sample" for UNets, "hidden_states" for DiTs); its output may be a diffusers output,
+    tuple or tensor."""
     return output_tensors(model(**{sample_input: sample}, timestep=timestep, encoder_hidden_states=hidden))[0]
 
 
@@ -38,13 +45,13 @@ def guided_noise(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
 @torch.no_grad()
 def sample_images(model: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, int, int], *,
                   steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250,
-                  sample_input: str = "sample") -> torch.Tensor:
+                  sample_input: str = "sample", prediction: str = "epsilon") -> torch.Tensor:
     """Return len(cond) images (N, C, H, W) in [-1, 1] drawn with DDIM (eta 0) and CFG.
 
     Image i starts from the noise of generator seed+i, so two models given the same seed and
     prompts start from the same noise (paired comparison).
     """
-    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=True, set_alpha_to_one=False)
+    scheduler = DDIMScheduler(**schedule(prediction), clip_sample=True, set_alpha_to_one=False)
     scheduler.set_timesteps(steps)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
                          for i in range(cond.shape[0])])

@@ -9,6 +9,7 @@ Seeds, the full config and the measured quality go into DIR/training.json next t
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -20,7 +21,7 @@ from torch import nn
 
 from fxpress.errors import FxpressError
 from fxpress.testbed.models import Testbed, build_testbed, save_testbed
-from fxpress.testbed.sampling import SCHEDULE, predict_noise, training_scheduler
+from fxpress.testbed.sampling import predict_noise, schedule, training_scheduler
 from fxpress.testbed.specs import TestbedSpec, get_spec
 from fxpress.training.distributed import Distributed, unwrap
 from fxpress.training.loop import EMA, step_generator, train_loop
@@ -82,10 +83,10 @@ def train_denoiser(testbed: Testbed, ctx: Distributed, steps: int, batch: int, l
     train = spec.load_split("train")
     tokens = testbed.tokenizer(train.captions)
     empty = testbed.tokenizer([""])[0]
-    scheduler = training_scheduler()
+    scheduler = training_scheduler(spec.prediction)
     denoiser = TextAndDenoiser(testbed.text_encoder, testbed.denoiser, spec.sample_input).train()
-    ema = EMA(denoiser, ema_decay)
-    model = ctx.wrap(denoiser)
+    model = ctx.wrap(denoiser)  # on this rank's device (a GPU under torchrun with CUDA)
+    ema = EMA(denoiser, ema_decay)  # averages live beside the parameters
     optimizer = torch.optim.AdamW(model.parameters(), lr, weight_decay=0.0)
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -95,7 +96,8 @@ def train_denoiser(testbed: Testbed, ctx: Distributed, steps: int, batch: int, l
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         ids = torch.where((torch.rand(batch, generator=gen) < caption_dropout)[:, None], empty, tokens[idx])
         x0, noise, t, ids = ctx.shard(train.images[idx]), ctx.shard(noise), ctx.shard(t), ctx.shard(ids)
-        return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, ids), noise)
+        target = noise if spec.prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, ids), target)
 
     losses = train_loop(loss_fn, optimizer, steps, ctx, {"denoiser": unwrap(model), "ema": ema},
                         after_step=lambda step: ema.update(unwrap(model), step), checkpoint_dir=checkpoint_dir,
@@ -117,12 +119,16 @@ def train_testbed(spec: TestbedSpec, out: Path, ctx: Distributed, overrides: dic
     began = time.perf_counter()
     classifier_accuracy = train_classifier(testbed, config["classifier_steps"], seed)
     classifier_seconds = time.perf_counter() - began
+    marker = out / "checkpoint" / "checkpoint.json"
+    resumed_from = int(json.loads(marker.read_text())["step"]) if resume and marker.exists() else 0
     losses = train_denoiser(testbed, ctx, config["steps"], config["batch"], config["lr"], config["ema"],
                             config["caption_dropout"], seed, out / "checkpoint", resume=resume)
     record = {
-        "testbed": spec.name, "train": config, "schedule": SCHEDULE, "world_size": ctx.world,
+        "testbed": spec.name, "train": config, "schedule": schedule(spec.prediction), "world_size": ctx.world,
+        "device": str(ctx.device),
         "classifier_heldout_accuracy": classifier_accuracy, "classifier_seconds": round(classifier_seconds, 1),
         "denoiser_seconds": round(time.perf_counter() - began - classifier_seconds, 1),
+        "resumed_from_step": resumed_from,  # denoiser_seconds and the losses count from here
         "final_loss_mean_last_100": sum(losses[-100:]) / max(len(losses[-100:]), 1),
         "params": {k: sum(p.numel() for p in m.parameters()) for k, m in testbed.parts().items()},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -130,7 +136,7 @@ def train_testbed(spec: TestbedSpec, out: Path, ctx: Distributed, overrides: dic
     }
     if ctx.is_main:
         for module in testbed.parts().values():
-            module.eval().requires_grad_(False)
+            module.to("cpu").eval().requires_grad_(False)
         if evaluate_quality:
             from fxpress.testbed.quality import evaluate
 

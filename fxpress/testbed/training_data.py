@@ -12,7 +12,8 @@ from fxpress.training.diffusion_data import DiffusionData
 def diffusion_data(testbed: Testbed, split: str = "train") -> DiffusionData:
     """Return the testbed's images with their caption embeddings (text encoder frozen) as DiffusionData."""
     images = testbed.spec.load_split(split)
-    return DiffusionData(images.images, testbed.encode(images.captions), testbed.encode([""]), training_scheduler(),
+    return DiffusionData(images.images, testbed.encode(images.captions), testbed.encode([""]),
+                         training_scheduler(testbed.spec.prediction),
                          sample_input=testbed.spec.sample_input)
 
 

@@ -47,8 +47,18 @@ class DiffusionData:
         """Return x_t for the scheduler's forward process."""
         return self.scheduler.add_noise(x0, noise, timesteps)
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Return what the model is trained to predict: the noise, or the velocity for a scheduler whose
+        `prediction_type` is 'v_prediction'."""
+        kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, timesteps)
+        raise ValueError(f"unsupported prediction_type {kind!r}; fxpress trains 'epsilon' and 'v_prediction'")
+
     def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditions: torch.Tensor) -> torch.Tensor:
-        """Return the model's noise prediction (its first output tensor)."""
+        """Return the model's prediction (its first output tensor: noise or velocity)."""
         out = model(**{self.sample_input: noisy, self.timestep_input: timesteps, self.condition_input: conditions})
         return output_tensors(out)[0]

@@ -127,7 +127,7 @@ class QuantAwareTraining(Pass):
             x0, noise, t, cond, w = (ctx.shard(v) for v in (x0, noise, t, cond, w))
             noisy = data.add_noise(x0, noise, t)
             if stage == 2:
-                return F.mse_loss(data.predict(model, noisy, t, cond), noise)
+                return F.mse_loss(data.predict(model, noisy, t, cond), data.target(x0, noise, t))
             if cfg.cfg_distill:
                 both = (torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond.expand_as(cond), cond]))
                 out_s = data.predict(model, *both)
