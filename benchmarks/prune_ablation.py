@@ -24,6 +24,7 @@ os.environ.setdefault("FXPRESS_QUIET", "1")
 
 import torch  # noqa: E402
 
+from fxpress.errors import PassError  # noqa: E402
 from fxpress.frontends import zoo  # noqa: E402
 from fxpress.frontends.capture import capture  # noqa: E402
 from fxpress.ir.graph import Inputs  # noqa: E402
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--model", default="testbed-digits-dit")
     parser.add_argument("--budget", type=float, default=0.5, help="fraction of the latency to keep")
     parser.add_argument("--cost", default="latency", choices=("latency", "flops", "params"))
+    parser.add_argument("--rank-by", default="", choices=("", "latency", "flops", "params"),
+                        help="rank by score per saved ... (default: the budget's cost)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--channel-group", type=int, default=16)
     parser.add_argument("--recovery", type=int, default=300, help="KD recovery steps after pruning")
@@ -72,9 +75,15 @@ def main() -> None:
         graph = capture(model, (), example.kwargs)
         graph.calibration = [Inputs((), c.kwargs) for c in entry.calibration_inputs(4)]
         graph.training_data = data
-        config = PruneConfig(args.cost, args.budget, scorer, levels, args.channel_group, args.rounds)
-        with torch.enable_grad():
-            result = TriLevelPrune(config, recovery_steps=args.recovery, batch=args.batch).run(graph)
+        config = PruneConfig(args.cost, args.budget, scorer, levels, args.channel_group, args.rounds,
+                             rank_by=args.rank_by)
+        try:
+            with torch.enable_grad():
+                result = TriLevelPrune(config, recovery_steps=args.recovery, batch=args.batch).run(graph)
+        except PassError as err:  # one level alone may not reach the budget
+            table.append((label, None, None, None, {}, time.perf_counter() - start))
+            print(f"{label}: {err}", flush=True)
+            continue
         pruned = result.graph.module
         latency = measure_latency(pruned, Inputs((), example.kwargs), 20)
         quality, _ = evaluate(testbed, pruned, per_prompt=args.per_prompt)
@@ -89,12 +98,15 @@ def main() -> None:
           "| Fréchet distance | denoising MSE | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, latency, params, q, removed, seconds in table:
+        if latency is None:
+            print(f"| {label} | budget not reachable at this level | - | - | - | - | - | - | {seconds:.0f} |")
+            continue
         parts = "/".join(str(removed.get(k, 0)) for k in ("block", "head", "channel")) if removed else "-"
         print(f"| {label} | {latency * 1e3:.2f} | {base_latency / latency:.2f}x | {params:,} | {parts} | "
               f"{q.accuracy:.1%} | {q.frechet:.2f} | {q.denoise_mse:.5f} | {seconds:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps([{"model": r[0], "latency_s": r[1], "params": r[2], "quality": r[3].to_json(),
-                                          "removed": r[4]} for r in table], indent=1))
+        args.json.write_text(json.dumps([{"model": r[0], "latency_s": r[1], "params": r[2], "removed": r[4],
+                                          "quality": r[3].to_json() if r[3] else None} for r in table], indent=1))
 
 
 if __name__ == "__main__":

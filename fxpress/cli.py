@@ -34,7 +34,7 @@ def _compress(args: argparse.Namespace) -> int:
         overrides["qat"] = _qat_steps(args.qat)
     if args.budget is not None:
         overrides.update(_prune_budget(args.budget))
-    overrides.update(scorer=args.scorer, recovery_steps=args.recovery, quantize=args.then)
+    overrides.update(scorer=args.scorer, rank_by=args.rank_by, recovery_steps=args.recovery, quantize=args.then)
     recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
     entry = zoo.get(args.model)
     training_data = getattr(entry, "training_data", None)
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trilevel recipe: keep this fraction of latency, flops or params (e.g. latency=0.5)")
     c.add_argument("--scorer", choices=("kd", "magnitude", "random"), default=None,
                    help="trilevel recipe: what decides which blocks, heads and channels go")
+    c.add_argument("--rank-by", choices=("latency", "flops", "params"), default=None,
+                   help="trilevel recipe: rank by score per saved latency/flops/params (default: the budget's cost)")
     c.add_argument("--recovery", type=int, default=None, metavar="STEPS",
                    help="trilevel recipe: KD recovery steps after pruning (testbed models)")
     c.add_argument("--then", choices=("bitsfusion", "uniform"), default=None,

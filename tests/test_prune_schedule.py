@@ -69,6 +69,22 @@ def test_scores_of_every_kind_cover_every_candidate(dit):
     assert random_scores(cands, 3) == random_scores(cands, 3)
 
 
+def test_magnitude_scores_do_not_depend_on_a_layers_scale(dit):
+    """Scaling a layer (an embedding at N(0, 1) beside linears at 1/fan_in) leaves its units' scores alone."""
+    model, _, _, groups = dit
+    cands = build_candidates(model, groups, ["transformer_blocks.0"], channel_group=64)
+    before = magnitude_scores(model, cands)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in scaled.transformer_blocks[1].ff.parameters():
+            p.mul_(100.0)
+    after = magnitude_scores(scaled, cands)
+    assert all(after[k] == pytest.approx(v, rel=1e-4) for k, v in before.items())
+    assert after["block transformer_blocks.0"] == 1.0
+    ffn = [v for k, v in before.items() if k.startswith("transformer_blocks.1.ff.net.0.proj [")]
+    assert ffn == sorted(ffn) and ffn[0] < 1.0 < ffn[-1]  # groups in magnitude order, around their tensors' mean
+
+
 def test_costs_count_what_a_candidate_removes(dit):
     model, _, graph, groups = dit
     cands = build_candidates(model, groups, ["transformer_blocks.2"], channel_group=32)
@@ -82,10 +98,33 @@ def test_costs_count_what_a_candidate_removes(dit):
                                                                                    "to_out.0"))
     assert candidate_cost(flops, head) > layer_flops / 4  # its share of the projections plus of the attention
     latency = build_cost_model(graph, "latency", repeats=2)
-    assert latency.per_node and all(t > 0 for t in latency.per_node.values())
+    weighted = set(latency.per_node) - latency.other_nodes
+    assert weighted and all(latency.per_node[n] > 0 for n in weighted)
+    assert latency.other_nodes  # norms, activations, modulations are timed too
 
 
-@pytest.mark.parametrize("bad", [{"budget": 1.5}, {"cost": "watts"}, {"scorer": "vibes"}, {"levels": ("layer",)}])
+def test_latency_counts_the_activations_a_channel_group_shrinks(dit):
+    """An FFN channel group saves its share of the fc1/fc2 time and of every op between them (the GELU)."""
+    _, _, graph, _ = dit
+    groups = dependency_groups(graph, footprints=True)
+    model = graph.module
+    cands = build_candidates(model, groups, [], levels=("channel",), channel_group=32)
+    ffn = next(c for c in cands if c.family.name == "transformer_blocks.1.ff.net.0.proj")
+    gelu = [n.name for n in graph.graph_module.graph.nodes if "gelu" in str(n.target)
+            and "transformer_blocks.1.ff" in str(n.meta.get("nn_module_stack"))]
+    assert len(gelu) == 1
+    assert sum(u.footprint.get(gelu[0], 0.0) for u in ffn.units) == pytest.approx(32 / 384)
+    assert all(set(u.footprint) <= {n.name for n in graph.graph_module.graph.nodes} for u in ffn.units)
+    latency = build_cost_model(graph, "latency", repeats=2)
+    assert gelu[0] in latency.other_nodes
+    no_footprint = dependency_groups(graph)  # without footprints the same group saves only its layers' share
+    plain = next(c for c in build_candidates(model, no_footprint, [], levels=("channel",), channel_group=32)
+                 if c.family.name == ffn.family.name)
+    assert candidate_cost(latency, plain) < candidate_cost(latency, ffn)
+
+
+@pytest.mark.parametrize("bad", [{"budget": 1.5}, {"cost": "watts"}, {"scorer": "vibes"}, {"levels": ("layer",)},
+                                 {"rank_by": "watts"}])
 def test_bad_prune_configs_are_refused(bad):
     with pytest.raises(RecipeError):
         PruneConfig(**bad)
@@ -104,6 +143,19 @@ def test_greedy_prune_meets_the_flops_budget_and_keeps_the_original(dit):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.isfinite(pruned(**inputs[1]).sample).all()
+    assert result.met and result.final_cost <= result.goal
+
+
+def test_a_flops_budget_ranked_by_latency_meets_the_flops_budget(dit):
+    model, inputs, graph, _ = dit
+    graph.calibration = [Inputs((), kw) for kw in inputs]
+    config = PruneConfig(cost="flops", budget=0.6, scorer="magnitude", rank_by="latency", rounds=1,
+                         channel_group=128, latency_repeats=2)
+    result = greedy_prune(graph, config)
+    ratio = build_cost_model(capture(result.model, (), inputs[0]), "flops").total / build_cost_model(graph,
+                                                                                                    "flops").total
+    assert ratio <= 0.6 and result.met
+    assert result.final_cost == pytest.approx(ratio * build_cost_model(graph, "flops").total)
 
 
 def test_trilevel_pass_then_quantization_round_trips_through_the_artifact(dit, tmp_path):
@@ -179,3 +231,24 @@ def test_trilevel_recipe_folds_flat_keys_and_tables_into_one_prune_config(tmp_pa
     for bad in ({"rounds": 0}, {"depth": 3}, {"qat": {"stage1_steps": 1}}):
         with pytest.raises(RecipeError):
             make_recipe("trilevel", **bad)
+
+
+def test_a_block_the_models_own_code_reaches_into_is_refused():
+    """DiT computes its final conditioning with transformer_blocks[0].norm1.emb: block 0 must stay."""
+    from diffusers import DiTTransformer2DModel
+
+    from fxpress.frontends.zoo import DIT_S_CONFIG
+    from fxpress.passes.prune.bypass import find_stream_args, validate_bypass
+
+    model = DiTTransformer2DModel(**{**DIT_S_CONFIG, "num_layers": 3, "num_attention_heads": 2,
+                                     "attention_head_dim": 16, "sample_size": 8}).eval()
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([10, 500]),
+              "class_labels": torch.tensor([1, 2])}
+    paths = [f"transformer_blocks.{i}" for i in range(3)]
+    with torch.no_grad():
+        streams, refused = find_stream_args(model, paths, inputs)
+        assert set(streams) == set(paths) and not refused
+        kept, broken = validate_bypass(model, streams, [inputs])
+    assert set(kept) == {"transformer_blocks.1", "transformer_blocks.2"}
+    assert "dit_transformer_2d.py" in broken["transformer_blocks.0"]
+    assert "norm1" in broken["transformer_blocks.0"]

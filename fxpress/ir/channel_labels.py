@@ -98,12 +98,16 @@ class Propagation:
     couplings: nx.Graph
     reasons: dict[int, str]  # label -> why it was tied to FIXED (first reason)
     tags: dict[int, set[str]]  # label -> how it was mixed ("heads:<module>:<count>", "group_norm", ...)
+    # node name -> (labels found in its output, how many elements carry each, the output's numel);
+    # filled only when asked for: what a node's work shrinks by when some labels go
+    footprints: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
 
 
 class _Replay:
     def __init__(self, graph_module: fx.GraphModule, tensor_names: dict[str, str], user_inputs: list[str],
-                 layer_params: set[str]):
+                 layer_params: set[str], footprints: bool = False):
         self.gm = graph_module
+        self.footprints: dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None = {} if footprints else None
         self.param_names = tensor_names
         self.user_inputs = set(user_inputs)
         self.layer_params = layer_params
@@ -187,10 +191,17 @@ class _Replay:
                 last_use[arg] = node
         for node in self.gm.graph.nodes:
             self.step(node)
+            labels = self.env.get(node)
+            if self.footprints is not None and node.op == "call_function" and isinstance(labels, torch.Tensor):
+                live = labels[labels > FIXED]
+                if live.numel():
+                    counts = torch.bincount(live)  # linear time; unique() sorts
+                    found = torch.nonzero(counts).reshape(-1)
+                    self.footprints[node.name] = (found, counts[found], labels.numel())
             for arg in node.all_input_nodes:
                 if last_use.get(arg) is node and arg.op != "placeholder":
                     self.env.pop(arg, None)
-        return Propagation(self.space, self.edges, self.reasons, self.tags)
+        return Propagation(self.space, self.edges, self.reasons, self.tags, self.footprints or {})
 
     def step(self, node: fx.Node) -> None:
         if node.op == "placeholder":
@@ -472,10 +483,11 @@ _HANDLERS = {
 
 
 def propagate(graph_module: fx.GraphModule, tensor_names: dict[str, str], user_inputs: list[str],
-              layer_params: set[str]) -> Propagation:
+              layer_params: set[str], footprints: bool = False) -> Propagation:
     """Replay `graph_module` on channel labels; return the label space, couplings, reasons and tags.
 
     `tensor_names` maps placeholders to parameter/buffer names; `layer_params` are the weights and
     biases of weight layers (their channels are labelled as layer outputs and inputs, not elements).
+    With `footprints`, also record which labels each node's output carries and on how many elements.
     """
-    return _Replay(graph_module, tensor_names, user_inputs, layer_params).run()
+    return _Replay(graph_module, tensor_names, user_inputs, layer_params, footprints).run()

@@ -26,6 +26,8 @@ class Unit:
 
     slices: Slices
     kind: str  # "head", "group" (GroupNorm group) or "channel"
+    # node name -> share of that node's output elements the unit's channels occupy (when asked for)
+    footprint: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def width(self) -> int:
@@ -96,17 +98,37 @@ def _slices(labels: list[int], space: LabelSpace, biases: set[str]) -> Slices | 
     return {key: tuple(sorted(idx)) for key, idx in sorted(picks.items())}
 
 
-def dependency_groups(graph: Graph) -> DependencyGroups:
-    """Return the prunable units of `graph` grouped in families, and the refused layers with reasons."""
+def _fill_footprints(units: list[tuple[Unit, list[int]]], footprints: dict, size: int) -> None:
+    """Give each unit the share of every node's output elements that carry its labels."""
+    owner = torch.full((size,), -1, dtype=torch.long)
+    for index, (_, labels) in enumerate(units):
+        owner[torch.tensor(labels)] = index
+    for node, (found, counts, numel) in footprints.items():
+        ids = owner[found]
+        keep = ids >= 0
+        if not bool(keep.any()):
+            continue
+        per_unit = torch.zeros(len(units), dtype=torch.long).index_add_(0, ids[keep], counts[keep])
+        for index in torch.nonzero(per_unit).reshape(-1).tolist():
+            units[index][0].footprint[node] = float(per_unit[index]) / numel
+
+
+def dependency_groups(graph: Graph, footprints: bool = False) -> DependencyGroups:
+    """Return the prunable units of `graph` grouped in families, and the refused layers with reasons.
+
+    With `footprints`, each unit also records the share of every node's output it occupies (what a
+    latency model needs to know which ops shrink when the unit goes).
+    """
     layer_params = {f"{p}.weight" for p in graph.layers} | {f"{p}.bias" for p, la in graph.layers.items()
                                                             if la.has_bias}
     names = {**graph.param_names, **graph.buffer_names}
-    prop = propagate(graph.graph_module, names, graph.input_names, layer_params)
+    prop = propagate(graph.graph_module, names, graph.input_names, layer_params, footprints)
     biases = {p for p in layer_params if p.endswith(".bias")}
     sizes = {(kind, name): size for (kind, name), (_, size) in prop.space.blocks.items()}
     result = DependencyGroups()
     families: dict[tuple, Family] = {}
     decoded = {x: prop.space.decode(x) for x in prop.couplings.nodes if x != FIXED}
+    made: list[tuple[Unit, list[int]]] = []
     for component in nx.connected_components(prop.couplings):
         labels = sorted(component)
         outs = sorted({decoded[x][1] for x in labels if x != FIXED and decoded[x][0] == "out"})
@@ -147,6 +169,9 @@ def dependency_groups(graph: Graph) -> DependencyGroups:
             name = f"{name} #{taken + 1}" if taken else name  # same producers, other slices: keep names unique
             family = families[key] = Family(name, kind, [], host, key[2])
         family.units.append(Unit(slices, kind))
+        made.append((family.units[-1], labels))
+    if footprints:
+        _fill_footprints(made, prop.footprints, prop.space.next)
     for family in families.values():
         family.units.sort(key=lambda u: min(min(idx) for idx in u.slices.values()))
     result.families = sorted(families.values(), key=lambda f: f.name)

@@ -3,11 +3,14 @@
 Which argument is the stream is found by running the model once and looking at each block's call:
 the one tensor argument shaped like the block's output. `bypass_hooks` gives the same behaviour as
 forward hooks on the original model (for masking while scoring); `bypass_blocks` swaps the modules
-for `Bypass` so the parameters are gone.
+for `Bypass` so the parameters are gone. `validate_bypass` tries the swap for real first: a model
+whose own code reaches into a block (DiT computes its final conditioning with the first block's
+embedding) cannot lose that block, and says why.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 from fxpress.errors import PassError
 from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels.bypass import Bypass, StreamArg
+from fxpress.passes.prune.remove import check_removal
 
 
 def _stream_arg(path: str, args: tuple, kwargs: dict[str, Any], output: Any) -> StreamArg:
@@ -68,6 +72,44 @@ def bypass_hooks(model: nn.Module, streams: dict[str, StreamArg]) -> list:
             return stream.result(stream.pick(args, kwargs))
         handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
     return handles
+
+
+def _bypass_trial(model: nn.Module, streams: dict[str, StreamArg], inputs: list[dict]) -> str | None:
+    """Return None when swapping these blocks for Bypass matches bypassing them by hooks, else why not."""
+    pruned = copy.deepcopy(model)
+    bypass_blocks(pruned, streams)
+    handles = bypass_hooks(model, streams)
+    try:
+        check_removal(pruned, model, inputs)
+    except PassError as exc:
+        return str(exc)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+@torch.no_grad()
+def validate_bypass(model: nn.Module, streams: dict[str, StreamArg],
+                    inputs: list[dict]) -> tuple[dict[str, StreamArg], dict[str, str]]:
+    """Return the blocks that can really be removed, and the others with the reason (tried all at once,
+    halved only on failure, as for dependency groups)."""
+    refused: dict[str, str] = {}
+
+    def search(paths: list[str]) -> None:
+        if not paths:
+            return
+        reason = _bypass_trial(model, {p: streams[p] for p in paths}, inputs)
+        if reason is None:
+            return
+        if len(paths) == 1:
+            refused[paths[0]] = f"removing the block breaks the model: {reason}"
+            return
+        search(paths[: len(paths) // 2])
+        search(paths[len(paths) // 2:])
+
+    search(list(streams))
+    return {p: s for p, s in streams.items() if p not in refused}, refused
 
 
 def bypass_blocks(model: nn.Module, streams: dict[str, StreamArg]) -> int:

@@ -33,12 +33,20 @@ class Candidate:
     block: str = ""
 
 
-def unit_magnitude(tensors: dict[str, torch.Tensor], unit: Unit) -> float:
-    """Return the mean squared value of the slices a unit removes (`tensors`: parameters and buffers by name)."""
+def unit_magnitude(tensors: dict[str, torch.Tensor], unit: Unit, scales: dict[str, float] | None = None) -> float:
+    """Return the mean squared value of the slices a unit removes (`tensors`: parameters and buffers by name);
+    with `scales` (a cache, filled as needed) each slice is divided by its whole tensor's mean square, so
+    tensors of any scale compare."""
     total, count = 0.0, 0
     for (name, dim), idx in unit.slices.items():
-        part = tensors[name].detach().index_select(dim, torch.tensor(idx))
-        total += float(part.float().square().sum())
+        tensor = tensors[name].detach()
+        part = tensor.index_select(dim, torch.tensor(idx)).float()
+        scale = 1.0
+        if scales is not None:
+            if name not in scales:
+                scales[name] = float(tensor.float().square().mean())
+            scale = scales[name]
+        total += float(part.square().sum()) / max(scale, 1e-30)
         count += part.numel()
     return total / max(count, 1)
 

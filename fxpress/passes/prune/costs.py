@@ -1,13 +1,17 @@
 """What removing a candidate saves: measured latency on this machine (default), FLOPs or parameters.
 
-The latency model times every linear, conv and attention node of the captured graph on its own
-(random inputs of the node's shapes, median of `repeats` runs) and assumes a node's time shrinks in
-proportion to the channels removed from it; a block saves the time of every node inside it.
+The latency model times every op node of the captured graph on its own (random inputs of the node's
+shapes, median of `repeats` runs). A linear, conv or attention node's time shrinks in proportion to
+the channels (or heads) removed from its weights; any other node's time (norms, activations,
+modulations, reshapes) shrinks by the share of its output elements that the removed units occupy
+(their footprint, from the channel labels); a block saves the time of every node inside it. FLOPs
+count the linear, conv and attention nodes only.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -20,25 +24,26 @@ from fxpress.ir.graph import Graph
 from fxpress.passes.prune.candidates import Candidate
 
 COST_KINDS = ("latency", "flops", "params")
-TIMED_OPS = {"aten.linear.default", "aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
+WEIGHTED_OPS = {"aten.linear.default", "aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default",
              "aten.scaled_dot_product_attention.default"}
 
 
 @dataclass
 class CostModel:
-    """Cost per timed graph node, and the index from layers, attention modules and blocks to nodes."""
+    """Cost per graph node, and the index from layers, attention modules and blocks to nodes."""
 
     kind: str
     per_node: dict[str, float] = field(default_factory=dict)
     layer_nodes: dict[str, list[str]] = field(default_factory=dict)  # layer path -> its call nodes
     attention_nodes: dict[str, list[str]] = field(default_factory=dict)  # attention module -> sdpa nodes
-    module_nodes: dict[str, list[str]] = field(default_factory=dict)  # any module path -> timed nodes inside
+    module_nodes: dict[str, list[str]] = field(default_factory=dict)  # any module path -> costed nodes inside
     params: dict[str, int] = field(default_factory=dict)  # parameter name -> numel
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    other_nodes: set[str] = field(default_factory=set)  # timed nodes that shrink by footprint, not weights
 
     @property
     def total(self) -> float:
-        """The model's cost: sum of timed nodes (latency, FLOPs) or all parameters."""
+        """The model's cost: sum over nodes (latency, FLOPs) or all parameters."""
         return float(sum(self.params.values())) if self.kind == "params" else sum(self.per_node.values())
 
 
@@ -54,11 +59,23 @@ def _fake(value: object) -> object:
     return value
 
 
+def _timeable(node: fx.Node) -> bool:
+    """An op node that computes tensors (not a getitem of a tuple, not a shape assertion)."""
+    val = node.meta.get("val")
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    return isinstance(val, torch.Tensor) or (isinstance(val, (list, tuple)) and
+                                             any(isinstance(v, torch.Tensor) for v in val))
+
+
 @torch.no_grad()
 def _time_node(node: fx.Node, repeats: int) -> float:
     args, kwargs = _fake(node.args), {k: _fake(v) for k, v in node.kwargs.items()}
-    for _ in range(2):
-        node.target(*args, **kwargs)
+    try:
+        for _ in range(2):
+            node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - an op random inputs cannot drive (indices out of range): no time
+        return 0.0
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -82,10 +99,13 @@ def build_cost_model(graph: Graph, kind: str = "latency", repeats: int = 10) -> 
         raise RecipeError(f"unknown cost {kind!r}; use one of {', '.join(COST_KINDS)}")
     model = CostModel(kind)
     for node in graph.graph_module.graph.nodes:
-        if node.op != "call_function" or str(node.target) not in TIMED_OPS:
+        weighted = node.op == "call_function" and str(node.target) in WEIGHTED_OPS
+        if not weighted and not (kind == "latency" and _timeable(node)):
             continue
         stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
-        if str(node.target) == "aten.scaled_dot_product_attention.default":
+        if not weighted:
+            model.other_nodes.add(node.name)
+        elif str(node.target) == "aten.scaled_dot_product_attention.default":
             model.attention_nodes.setdefault(stack[-1] if stack else "", []).append(node.name)
         else:
             fqn = graph.param_names.get(node.args[1].name, "") if isinstance(node.args[1], fx.Node) else ""
@@ -125,4 +145,7 @@ def candidate_cost(costs: CostModel, cand: Candidate, module: nn.Module | None =
     if cand.level == "head" and costs.kind != "params" and cand.family is not None:
         share = len(cand.units) / len(cand.family.units)
         saved += share * sum(costs.per_node[n] for n in costs.attention_nodes.get(cand.family.host, []))
+    if costs.other_nodes:
+        for unit in cand.units:
+            saved += sum(share * costs.per_node[n] for n, share in unit.footprint.items() if n in costs.other_nodes)
     return saved

@@ -172,7 +172,8 @@ def check_removal(pruned: nn.Module, masked: nn.Module, inputs: list[dict], atol
             got = output_tensors(pruned(**kwargs))
         except Exception as exc:  # the model's own forward no longer runs: any error type
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            frames = traceback.extract_tb(exc.__traceback__)
+            frame = next((f for f in reversed(frames) if "/torch/" not in f.filename), frames[-1])  # the model's line
             raise PassError(f"the pruned model's own forward fails at {frame.filename.rsplit('/', 1)[-1]}:"
                             f"{frame.lineno} ({frame.line}): {type(exc).__name__} {first}".rstrip(),
                             "RemoveUnits") from exc

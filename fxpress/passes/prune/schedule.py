@@ -18,7 +18,7 @@ from fxpress.errors import PassError, RecipeError
 from fxpress.ir.blocks import block_units
 from fxpress.ir.dependency import dependency_groups
 from fxpress.ir.graph import Graph
-from fxpress.passes.prune.bypass import StreamArg, bypass_blocks, find_stream_args
+from fxpress.passes.prune.bypass import StreamArg, bypass_blocks, find_stream_args, validate_bypass
 from fxpress.passes.prune.candidates import LEVELS, Candidate, build_candidates
 from fxpress.passes.prune.costs import COST_KINDS, build_cost_model, candidate_cost
 from fxpress.passes.prune.remove import remove_units
@@ -30,7 +30,11 @@ SCORERS = ("kd", "magnitude", "random")
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """What to prune to: keep `budget` of the `cost` ('latency', 'flops', 'params'), scored by `scorer`."""
+    """What to prune to: keep `budget` of the `cost` ('latency', 'flops', 'params'), scored by `scorer`.
+
+    Candidates are ranked by score per unit of `rank_by` saved ('' means the budget's own cost): a
+    FLOPs budget ranked by measured latency removes what is slow for its FLOPs first.
+    """
 
     cost: str = "latency"
     budget: float = 0.5
@@ -41,10 +45,12 @@ class PruneConfig:
     feature_weight: float = 1.0
     seed: int = 0
     latency_repeats: int = 10
+    rank_by: str = ""
 
     def __post_init__(self) -> None:
-        if self.cost not in COST_KINDS:
-            raise RecipeError(f"unknown pruning cost {self.cost!r}; use one of {', '.join(COST_KINDS)}")
+        if self.cost not in COST_KINDS or self.rank_by not in ("", *COST_KINDS):
+            bad = self.cost if self.cost not in COST_KINDS else self.rank_by
+            raise RecipeError(f"unknown pruning cost {bad!r}; use one of {', '.join(COST_KINDS)}")
         if not 0.0 < self.budget < 1.0:
             raise RecipeError(f"pruning budget must be a fraction in (0, 1) of the {self.cost}, got {self.budget}")
         if self.scorer not in SCORERS:
@@ -70,13 +76,15 @@ def _inside(cand: Candidate, block: str) -> bool:
 
 
 def _choose(cands: list[Candidate], scores: dict[str, float], costs: dict[str, float],
-            target: float) -> list[Candidate]:
-    """Pick candidates by increasing score per saved cost until `target` is saved, keeping models whole.
+            target: float, rank: dict[str, float] | None = None) -> list[Candidate]:
+    """Pick candidates by increasing score per saved `rank` cost (default: `costs`) until `target` of
+    `costs` is saved, keeping models whole.
 
     A candidate that would overshoot the target by more than 10% waits until smaller ones are tried.
     """
-    ordered = sorted((c for c in cands if costs[c.name] > 0),
-                     key=lambda c: (max(scores[c.name], 0.0) / costs[c.name], c.name))
+    rank = costs if rank is None else rank
+    ordered = sorted((c for c in cands if costs[c.name] > 0 and rank[c.name] > 0),
+                     key=lambda c: (max(scores[c.name], 0.0) / rank[c.name], c.name))
     taken: list[Candidate] = []
     left: dict[str, int] = {}
     saved = 0.0
@@ -121,7 +129,13 @@ class Pruned:
     rounds: list[PruneRound]
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)  # module path -> attributes set
     bypassed: dict[str, StreamArg] = field(default_factory=dict)  # removed block -> where its stream is
+    goal: float = 0.0  # the budget in the cost's unit
+    final_cost: float = 0.0  # the pruned model's cost, as the cost model counts it
 
+    @property
+    def met(self) -> bool:
+        """Whether the pruned model is within its budget (it may not be when nothing more could go)."""
+        return self.final_cost <= self.goal
     def structure(self) -> dict[str, Any]:
         """Return the JSON-ready edits that turn the unpruned architecture into this one."""
         inside = tuple(p + "." for p in self.bypassed)
@@ -142,22 +156,28 @@ def greedy_prune(graph: Graph, config: PruneConfig,
     target = DistillTarget(teacher, inputs, config.feature_weight) if config.scorer == "kd" else None
     result = Pruned(student, [])
     initial = goal = None
-    for index in range(config.rounds * 3):  # a round may fall short; give it a few more tries
+    rank_by = config.rank_by or config.cost
+    for index in range(config.rounds * 3 + 1):  # a round may fall short; give it a few more tries
         current = graph.recapture(student)
         costs = build_cost_model(current, config.cost, config.latency_repeats)
         if initial is None:
             initial = costs.total
-            goal = config.budget * initial
-        if costs.total <= goal:
+            goal = result.goal = config.budget * initial
+        result.final_cost = costs.total
+        if costs.total <= goal or index == config.rounds * 3:
             break
         record = PruneRound(cost_before=costs.total)
-        groups = validate_groups(student, dependency_groups(current), inputs[:1])
+        ranking = costs if rank_by == config.cost else build_cost_model(current, rank_by, config.latency_repeats)
+        groups = dependency_groups(current, footprints="latency" in (config.cost, rank_by))
+        groups = validate_groups(student, groups, inputs[:1])
         paths = [b.path for b in block_units(current).blocks] if "block" in config.levels else []
         streams, refused_blocks = find_stream_args(student, paths, inputs[0])
-        record.refused_blocks.update(refused_blocks)
+        streams, broken = validate_bypass(student, streams, inputs[:1])
+        record.refused_blocks.update({**refused_blocks, **broken})
         cands = build_candidates(student, groups, list(streams), levels=config.levels,
                                  channel_group=config.channel_group)
         saved = {c.name: candidate_cost(costs, c) for c in cands}
+        rank = saved if ranking is costs else {c.name: candidate_cost(ranking, c) for c in cands}
         if config.scorer == "kd":
             scores = kd_scores(student, cands, target, streams)
         elif config.scorer == "magnitude":
@@ -165,7 +185,7 @@ def greedy_prune(graph: Graph, config: PruneConfig,
         else:
             scores = random_scores(cands, config.seed + index)
         step = min(costs.total - goal, (initial - goal) / config.rounds)
-        chosen = _choose(cands, scores, saved, step)
+        chosen = _choose(cands, scores, saved, step, rank)
         if not chosen:
             raise PassError(f"nothing left to prune: cost {costs.total:.4g} is still above the goal {goal:.4g}",
                             "TriLevelPrune")

@@ -67,17 +67,16 @@ def kd_scores(model: nn.Module, candidates: list[Candidate], target: DistillTarg
 
 
 def magnitude_scores(model: nn.Module, candidates: list[Candidate]) -> dict[str, float]:
-    """Return, per candidate, the mean squared weight it removes (blocks: of all their parameters)."""
+    """Return, per candidate, the mean squared weight it removes relative to the tensors it comes from.
+
+    Relative, because layers differ in scale (an embedding table drawn from N(0, 1) next to a linear at
+    1/fan_in): a unit scores 1 when its slices are as large as their tensors on average, a whole block 1.
+    """
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    scores = {}
-    for cand in candidates:
-        if cand.level == "block":
-            params = list(model.get_submodule(cand.block).parameters())
-            count = sum(p.numel() for p in params)
-            scores[cand.name] = sum(float(p.detach().float().square().sum()) for p in params) / max(count, 1)
-        else:
-            scores[cand.name] = sum(unit_magnitude(tensors, u) for u in cand.units) / len(cand.units)
-    return scores
+    scales: dict[str, float] = {}
+    return {cand.name: 1.0 if cand.level == "block" else
+            sum(unit_magnitude(tensors, u, scales) for u in cand.units) / len(cand.units)
+            for cand in candidates}
 
 
 def random_scores(candidates: list[Candidate], seed: int = 0) -> dict[str, float]:

@@ -24,13 +24,18 @@ from fxpress.passes.prune.schedule import PruneConfig, greedy_prune
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, inputs: Inputs, repeats: int = 10) -> float:
-    """Return the median wall time in seconds of one forward of `model` on `inputs` (after 2 warm-ups)."""
+    """Return the median wall time in seconds of one forward of `model` on `inputs` (after 2 warm-ups);
+    on a GPU each run waits for the device to finish."""
+    param = next(model.parameters(), None)
+    sync = torch.cuda.synchronize if param is not None and param.is_cuda else (lambda: None)
     for _ in range(2):
         model(*inputs.args, **inputs.kwargs)
     runs = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         model(*inputs.args, **inputs.kwargs)
+        sync()
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
 
@@ -76,9 +81,12 @@ class TriLevelPrune(Pass):
         params = (sum(p.numel() for p in graph.module.parameters()), sum(p.numel() for p in result.model.parameters()))
         report = {
             "budget": f"{self.config.cost}={self.config.budget}", "scorer": self.config.scorer,
+            "ranked_by": self.config.rank_by or self.config.cost, "budget_met": result.met,
+            "cost_goal": result.goal, "cost_final": result.final_cost,
             "removed": removed, "blocks_removed": sorted(result.bypassed),
             "rounds": [{"removed": r.removed, "cost_before": r.cost_before, "cost_after": r.cost_after}
                        for r in result.rounds],
+            "refused_blocks": {k: v for r in result.rounds for k, v in r.refused_blocks.items()},
             "params_before": params[0], "params_after": params[1],
             "latency_before_s": latency_before, "latency_after_s": latency_after,
             "measured_speedup": latency_before / latency_after,
