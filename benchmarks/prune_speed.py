@@ -3,7 +3,7 @@
 For each model: capture, prune to `--budget` of its FLOPs or, with `--cost latency`, of its per-node
 latency model (tri-level, `--scorer`, no recovery: speed does not depend on the weights), check the
 pruned model runs, recaptures and survives an artifact round trip bit for bit, and time a forward
-before and after (median of `--repeats`).
+before and after (median of `--repeats`, the two models taking turns).
 
 Pruning always runs on the CPU; `--device cuda --dtype float16` times the before/after models on a GPU
 instead (the latency model that ranks candidates is still this CPU's, unless `--rank-by flops`).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import tempfile
 import time
 
@@ -34,10 +35,11 @@ from fxpress.passes.prune.schedule import PruneConfig  # noqa: E402
 from fxpress.passes.prune.trilevel import TriLevelPrune, measure_latency  # noqa: E402
 
 
-def _latency(model: torch.nn.Module, example: Inputs, args: argparse.Namespace, size: int) -> float:
-    """Median forward time of a copy of `model` on `--device` in `--dtype` at batch `size` (0: as given)."""
+def _latencies(models: list[torch.nn.Module], example: Inputs, args: argparse.Namespace,
+               size: int) -> list[float]:
+    """Median forward time of a copy of each model on `--device` in `--dtype` at batch `size` (0: as
+    given); the models take turns, one forward each per repeat, so drift of the machine hits all alike."""
     dtype = getattr(torch, args.dtype)
-    moved = copy.deepcopy(model).to(args.device, dtype)
     batch = next(v.shape[0] for v in example.kwargs.values() if torch.is_tensor(v) and v.dim() > 1)
 
     def place(value: object) -> object:
@@ -47,7 +49,13 @@ def _latency(model: torch.nn.Module, example: Inputs, args: argparse.Namespace, 
             value = value.repeat(-(-size // batch), *[1] * (value.dim() - 1))[:size]
         return value.to(args.device, dtype if value.is_floating_point() else value.dtype)
 
-    return measure_latency(moved, Inputs((), {k: place(v) for k, v in example.kwargs.items()}), args.repeats)
+    inputs = Inputs((), {k: place(v) for k, v in example.kwargs.items()})
+    moved = [copy.deepcopy(m).to(args.device, dtype) for m in models]
+    runs: list[list[float]] = [[] for _ in moved]
+    for _ in range(args.repeats):
+        for model, times in zip(moved, runs):
+            times.append(measure_latency(model, inputs, 1))
+    return [statistics.median(times) for times in runs]
 
 
 def main() -> None:
@@ -87,14 +95,15 @@ def main() -> None:
             same = all(torch.equal(a, b) for a, b in zip(output_tensors(loaded(**example.kwargs)),
                                                          output_tensors(pruned.module(**example.kwargs))))
         for size in (int(b) for b in args.batch.split(",")):
-            before, after = (_latency(m, graph.example, args, size) for m in (model, pruned.module))
+            before, after = _latencies([model, pruned.module], graph.example, args, size)
             rows.append((name, size or "as given", result.report, flops, before, after, same, seconds))
             print(name, size, result.report["removed"], f"flops {flops:.3f}", f"{before:.4f}s -> {after:.4f}s",
                   flush=True)
     where = (f"this CPU ({torch.get_num_threads()} threads)" if args.device == "cpu"
              else torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device)
     print(f"\nbudget {args.cost}={args.budget}, ranked by {args.rank_by or args.cost}, scorer {args.scorer}, "
-          f"{args.rounds} rounds; latency: median of {args.repeats} forwards of the zoo example inputs "
+          f"{args.rounds} rounds; latency: median of {args.repeats} forwards (models taking turns) of the zoo "
+          f"example inputs "
           f"(tiled to the batch shown), {args.dtype}, on {where}")
     print("| model | batch | params before → after | FLOPs kept | removed (blocks/heads/channel groups) | "
           "latency before | latency after | speed-up | artifact round trip | prune seconds |")

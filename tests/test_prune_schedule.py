@@ -101,6 +101,10 @@ def test_costs_count_what_a_candidate_removes(dit):
     weighted = set(latency.per_node) - latency.other_nodes
     assert weighted and all(latency.per_node[n] > 0 for n in weighted)
     assert latency.other_nodes  # norms, activations, modulations are timed too
+    inside = latency.module_nodes["transformer_blocks.2"]
+    assert candidate_cost(latency, block) == pytest.approx(sum(latency.per_node[n] for n in inside)
+                                                           + latency.overhead * len(inside))
+    assert latency.overhead >= 0 and latency.total > sum(latency.per_node.values()) - 1e-12
 
 
 def test_latency_counts_the_activations_a_channel_group_shrinks(dit):

@@ -1,7 +1,9 @@
 """What removing a candidate saves: measured latency on this machine (default), FLOPs or parameters.
 
 The latency model times every op node of the captured graph on its own (random inputs of the node's
-shapes, median of `repeats` runs). A linear, conv or attention node's time shrinks in proportion to
+shapes, median of `repeats` runs), then the whole model once: the difference (module calls, hooks,
+dispatch: most of a small model's eager forward) is spread evenly over the nodes as a fixed overhead
+that only removing the nodes (a block) saves. A linear, conv or attention node's time shrinks in proportion to
 the channels (or heads) removed from its weights; any other node's time (norms, activations,
 modulations, reshapes) shrinks by the share of its output elements that the removed units occupy
 (their footprint, from the channel labels); a block saves the time of every node inside it. FLOPs
@@ -20,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from fxpress.errors import RecipeError
-from fxpress.ir.graph import Graph
+from fxpress.ir.graph import Graph, Inputs
 from fxpress.passes.prune.candidates import Candidate
 
 COST_KINDS = ("latency", "flops", "params")
@@ -40,11 +42,14 @@ class CostModel:
     params: dict[str, int] = field(default_factory=dict)  # parameter name -> numel
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     other_nodes: set[str] = field(default_factory=set)  # timed nodes that shrink by footprint, not weights
+    overhead: float = 0.0  # latency: per node, what the whole forward costs beyond its ops (Python, dispatch)
 
     @property
     def total(self) -> float:
-        """The model's cost: sum over nodes (latency, FLOPs) or all parameters."""
-        return float(sum(self.params.values())) if self.kind == "params" else sum(self.per_node.values())
+        """The model's cost: sum over nodes (latency: plus the overhead of each; FLOPs) or all parameters."""
+        if self.kind == "params":
+            return float(sum(self.params.values()))
+        return sum(self.per_node.values()) + self.overhead * len(self.per_node)
 
 
 def _fake(value: object) -> object:
@@ -57,6 +62,24 @@ def _fake(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return type(value)(_fake(v) for v in value)
     return value
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, inputs: Inputs, repeats: int = 10) -> float:
+    """Return the median wall time in seconds of one forward of `model` on `inputs` (after 2 warm-ups);
+    on a GPU each run waits for the device to finish."""
+    param = next(model.parameters(), None)
+    sync = torch.cuda.synchronize if param is not None and param.is_cuda else (lambda: None)
+    for _ in range(2):
+        model(*inputs.args, **inputs.kwargs)
+    runs = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        model(*inputs.args, **inputs.kwargs)
+        sync()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
 
 
 def _timeable(node: fx.Node) -> bool:
@@ -119,6 +142,11 @@ def build_cost_model(graph: Graph, kind: str = "latency", repeats: int = 10) -> 
     for name, p in graph.module.named_parameters():
         model.params[name] = p.numel()
         model.shapes[name] = tuple(p.shape)
+    if kind == "latency" and model.per_node and not graph.example.args:
+        # ops timed alone miss what running the model adds (module calls, hooks, dispatch); spread the
+        # measured difference over the nodes: removing a block saves its nodes' share, narrowing does not
+        whole = measure_latency(graph.module, graph.example, repeats)
+        model.overhead = max(0.0, whole - sum(model.per_node.values())) / len(model.per_node)
     return model
 
 
@@ -128,7 +156,7 @@ def candidate_cost(costs: CostModel, cand: Candidate, module: nn.Module | None =
         if costs.kind == "params":
             prefix = cand.block + "."
             return float(sum(n for name, n in costs.params.items() if name.startswith(prefix)))
-        return sum(costs.per_node[n] for n in costs.module_nodes.get(cand.block, []))
+        return sum(costs.per_node[n] + costs.overhead for n in costs.module_nodes.get(cand.block, []))
     removed: dict[tuple[str, int], set[int]] = {}
     for unit in cand.units:
         for key, idx in unit.slices.items():

@@ -9,35 +9,15 @@ the measured CPU latency of the whole model before and after.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
-import torch
 from torch import nn
 
 from fxpress.errors import PassError
-from fxpress.ir.graph import Graph, Inputs
+from fxpress.ir.graph import Graph
 from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.prune.costs import measure_latency
 from fxpress.passes.prune.recovery import recover
 from fxpress.passes.prune.schedule import PruneConfig, greedy_prune
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, inputs: Inputs, repeats: int = 10) -> float:
-    """Return the median wall time in seconds of one forward of `model` on `inputs` (after 2 warm-ups);
-    on a GPU each run waits for the device to finish."""
-    param = next(model.parameters(), None)
-    sync = torch.cuda.synchronize if param is not None and param.is_cuda else (lambda: None)
-    for _ in range(2):
-        model(*inputs.args, **inputs.kwargs)
-    runs = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        model(*inputs.args, **inputs.kwargs)
-        sync()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
 
 
 class TriLevelPrune(Pass):
