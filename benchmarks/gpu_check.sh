@@ -4,17 +4,8 @@
 # constriction: carry their wheels in .whl/ (see the device README) and they are installed first.
 # Stage time limits: TEST_S, UNET_S, LINEAR_S, CONV_S, KTEST_S seconds.
 set -u
-OUT=${OUT:-/tmp/fxpress-gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FXPRESS_QUIET=1 FXPRESS_CACHE_DIR="$OUT" TRITON_INTERPRET=0
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
-stage() { echo; echo "=== $1 ($(date +%T))"; }
+source benchmarks/gpu_env.sh
+export FXPRESS_CACHE_DIR="$OUT" TRITON_INTERPRET=0
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/machine.txt"
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, \

@@ -4,17 +4,7 @@
 # The GPU image lacks diffusers: carry its wheel in .whl/ (see the device README). Results land in $OUT.
 # Stage time limits: DIT_S, UNET_S seconds.
 set -u
-OUT=${OUT:-/tmp/fxpress-gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FXPRESS_QUIET=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
-stage() { echo; echo "=== $1 ($(date +%T))"; }
+source benchmarks/gpu_env.sh
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \

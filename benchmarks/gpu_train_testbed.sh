@@ -5,16 +5,7 @@
 # Stage time limits: TRAIN_S, QUALITY_S seconds.
 set -u -o pipefail
 NAME=${1:?testbed name}
-OUT=${OUT:-/tmp/fxpress-gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 FXPRESS_QUIET=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
 echo "=== train $NAME ($(date +%T))"
 timeout "${TRAIN_S:-330}" python3 -m fxpress.testbed.train "$NAME" --out "$OUT/$NAME" --no-quality 2>&1 \
