@@ -20,6 +20,7 @@ from fxpress.errors import PassError
 from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels.bypass import Bypass, StreamArg
 from fxpress.passes.prune.remove import check_removal
+from fxpress.passes.prune.validate import find_failures
 
 
 def _stream_arg(path: str, args: tuple, kwargs: dict[str, Any], output: Any) -> StreamArg:
@@ -94,21 +95,9 @@ def validate_bypass(model: nn.Module, streams: dict[str, StreamArg],
                     inputs: list[dict]) -> tuple[dict[str, StreamArg], dict[str, str]]:
     """Return the blocks that can really be removed, and the others with the reason (tried all at once,
     halved only on failure, as for dependency groups)."""
-    refused: dict[str, str] = {}
-
-    def search(paths: list[str]) -> None:
-        if not paths:
-            return
-        reason = _bypass_trial(model, {p: streams[p] for p in paths}, inputs)
-        if reason is None:
-            return
-        if len(paths) == 1:
-            refused[paths[0]] = f"removing the block breaks the model: {reason}"
-            return
-        search(paths[: len(paths) // 2])
-        search(paths[len(paths) // 2:])
-
-    search(list(streams))
+    failed = find_failures(list(streams), lambda paths: _bypass_trial(model, {p: streams[p] for p in paths},
+                                                                     inputs))
+    refused = {p: f"removing the block breaks the model: {reason}" for p, reason in failed.items()}
     return {p: s for p, s in streams.items() if p not in refused}, refused
 
 

@@ -1,13 +1,12 @@
 """What removing a candidate saves: measured latency on this machine (default), FLOPs or parameters.
 
 The latency model times every op node of the captured graph on its own (random inputs of the node's
-shapes, median of `repeats` runs), then the whole model once: the difference (module calls, hooks,
-dispatch: most of a small model's eager forward) is spread evenly over the nodes as a fixed overhead
-that only removing the nodes (a block) saves. A linear, conv or attention node's time shrinks in proportion to
-the channels (or heads) removed from its weights; any other node's time (norms, activations,
-modulations, reshapes) shrinks by the share of its output elements that the removed units occupy
-(their footprint, from the channel labels); a block saves the time of every node inside it. FLOPs
-count the linear, conv and attention nodes only.
+shapes, median of `repeats` runs), then the whole model once; the difference (module calls, hooks,
+dispatch: most of a small model's eager forward) is spread evenly over the nodes as a fixed overhead.
+A linear, conv or attention node's time shrinks in proportion to the channels (or heads) removed from
+its weights; any other node's time (norms, activations, modulations, reshapes) shrinks by the share of
+its output elements that the removed units occupy (their footprint, from the channel labels); a block
+saves the time and the overhead of every node inside it. FLOPs count linear, conv and attention nodes.
 """
 
 from __future__ import annotations

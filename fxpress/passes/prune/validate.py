@@ -10,12 +10,16 @@ halves only when something fails, so a clean model costs one trial.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 
 from fxpress.errors import PassError
 from fxpress.ir.dependency import DependencyGroups, Family
 from fxpress.passes.prune.remove import check_removal, mask_units, remove_units
+
+T = TypeVar("T")
 
 
 def _trial(model: nn.Module, families: list[Family], inputs: list[dict]) -> str | None:
@@ -31,25 +35,33 @@ def _trial(model: nn.Module, families: list[Family], inputs: list[dict]) -> str 
     return None
 
 
+def find_failures(items: list[T], trial: Callable[[list[T]], str | None]) -> dict[T, str]:
+    """Return the items that fail `trial` alone, with its reason: all are tried at once, and a failing
+    set is halved until single items remain (one trial when nothing fails)."""
+    bad: dict[T, str] = {}
+
+    def search(part: list[T]) -> None:
+        if not part:
+            return
+        reason = trial(part)
+        if reason is None:
+            return
+        if len(part) == 1:
+            bad[part[0]] = reason
+            return
+        search(part[: len(part) // 2])
+        search(part[len(part) // 2:])
+
+    search(items)
+    return bad
+
+
 def validate_groups(model: nn.Module, groups: DependencyGroups, inputs: list[dict]) -> DependencyGroups:
     """Return `groups` without the families whose removal changes the model, which move to `refused`."""
     model = model.eval()
-    bad: dict[str, str] = {}
-
-    def search(candidates: list[Family]) -> None:
-        if not candidates:
-            return
-        reason = _trial(model, candidates, inputs)
-        if reason is None:
-            return
-        if len(candidates) == 1:
-            bad[candidates[0].name] = reason
-            return
-        half = len(candidates) // 2
-        search(candidates[:half])
-        search(candidates[half:])
-
-    search(groups.families)
+    failed = find_failures([f.name for f in groups.families], lambda names: _trial(
+        model, [f for f in groups.families if f.name in names], inputs))
+    bad = dict(failed)
     kept = [f for f in groups.families if f.name not in bad]
     refused = dict(groups.refused)
     for name, reason in bad.items():
