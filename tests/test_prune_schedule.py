@@ -194,7 +194,7 @@ def test_cli_trilevel_recipe_prunes_quantizes_and_saves(tmp_path):
     recipe = tmp_path / "trilevel.toml"
     recipe.write_text('recipe = "trilevel"\nrounds = 1\nlevels = ["head", "channel"]\n')
     assert main(["compress", "tiny-unet", "--recipe", str(recipe), "--budget", "params=0.7", "--scorer",
-                 "magnitude", "--then", "uniform", "--out", str(out)]) == 0
+                 "magnitude", "--rank-by", "flops", "--then", "uniform", "--out", str(out)]) == 0
     loaded = fxpress.load(out)
     original = zoo.get("tiny-unet").build()
     assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in original.parameters())
