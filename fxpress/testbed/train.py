@@ -23,6 +23,7 @@ from fxpress.errors import FxpressError
 from fxpress.testbed.models import Testbed, build_testbed, save_testbed
 from fxpress.testbed.sampling import predict_noise, schedule, training_scheduler
 from fxpress.testbed.specs import TestbedSpec, get_spec
+from fxpress.training.diffusion_data import training_target
 from fxpress.training.distributed import Distributed, unwrap
 from fxpress.training.loop import EMA, step_generator, train_loop
 
@@ -96,8 +97,7 @@ def train_denoiser(testbed: Testbed, ctx: Distributed, steps: int, batch: int, l
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         ids = torch.where((torch.rand(batch, generator=gen) < caption_dropout)[:, None], empty, tokens[idx])
         x0, noise, t, ids = ctx.shard(train.images[idx]), ctx.shard(noise), ctx.shard(t), ctx.shard(ids)
-        target = noise if spec.prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
-        return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, ids), target)
+        return F.mse_loss(model(scheduler.add_noise(x0, noise, t), t, ids), training_target(scheduler, x0, noise, t))
 
     losses = train_loop(loss_fn, optimizer, steps, ctx, {"denoiser": unwrap(model), "ema": ema},
                         after_step=lambda step: ema.update(unwrap(model), step), checkpoint_dir=checkpoint_dir,

@@ -11,6 +11,17 @@ from torch import nn
 from fxpress.ir.graph import output_tensors
 
 
+def training_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Return what a model under `scheduler` is trained to predict: the noise, or the velocity when its
+    `prediction_type` is 'v_prediction'."""
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}; fxpress trains 'epsilon' and 'v_prediction'")
+
+
 @dataclass
 class DiffusionData:
     """Clean samples x0 (N, ...) with one condition each (N, ...), the unconditional condition (1, ...),
@@ -48,14 +59,8 @@ class DiffusionData:
         return self.scheduler.add_noise(x0, noise, timesteps)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Return what the model is trained to predict: the noise, or the velocity for a scheduler whose
-        `prediction_type` is 'v_prediction'."""
-        kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, timesteps)
-        raise ValueError(f"unsupported prediction_type {kind!r}; fxpress trains 'epsilon' and 'v_prediction'")
+        """Return what the model is trained to predict (see `training_target`)."""
+        return training_target(self.scheduler, x0, noise, timesteps)
 
     def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditions: torch.Tensor) -> torch.Tensor:
