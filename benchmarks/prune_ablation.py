@@ -6,8 +6,10 @@ same schedule, recovers with the same KD recovery, and is sampled on the same pr
   KD-guided tri-level (blocks + heads + channel groups)  vs  magnitude  vs  random scoring
   KD-guided at one level only: blocks, heads, or channels
 
-The latency of each pruned model is measured end to end (median forward, batch 2) next to the
-unpruned model's, so rows are compared at (nearly) equal measured latency.
+The latency of every model is measured end to end at the end, all of them taking turns (median
+forward, batch 2), so drift of the machine hits them alike. Blocks are coarse: block removal alone
+lands well past the budget, so it is also run one block short of it (budget + 0.1); tri-level is
+compared with block removal at latencies on both sides of its own.
 
 Run: .venv/bin/python benchmarks/prune_ablation.py [--budget 0.5 --recovery 300 --per-prompt 30]
 """
@@ -28,18 +30,21 @@ from fxpress.errors import PassError  # noqa: E402
 from fxpress.frontends import zoo  # noqa: E402
 from fxpress.frontends.capture import capture  # noqa: E402
 from fxpress.ir.graph import Inputs  # noqa: E402
+from fxpress.passes.prune.costs import latencies_in_turns  # noqa: E402
 from fxpress.passes.prune.schedule import PruneConfig  # noqa: E402
-from fxpress.passes.prune.trilevel import TriLevelPrune, measure_latency  # noqa: E402
+from fxpress.passes.prune.trilevel import TriLevelPrune  # noqa: E402
 from fxpress.testbed.models import load_testbed  # noqa: E402
 from fxpress.testbed.quality import evaluate  # noqa: E402
 
-ROWS = [
-    ("KD tri-level", "kd", ("block", "head", "channel")),
-    ("magnitude tri-level", "magnitude", ("block", "head", "channel")),
-    ("random tri-level", "random", ("block", "head", "channel")),
-    ("KD blocks only", "kd", ("block",)),
-    ("KD heads only", "kd", ("head",)),
-    ("KD channels only", "kd", ("channel",)),
+TRI = ("block", "head", "channel")
+ROWS = [  # label, scorer, levels, budget (None: --budget; a number: --budget plus it)
+    ("KD tri-level", "kd", TRI, None),
+    ("magnitude tri-level", "magnitude", TRI, None),
+    ("random tri-level", "random", TRI, None),
+    ("KD blocks only", "kd", ("block",), None),
+    ("KD blocks only, one block fewer", "kd", ("block",), 0.1),
+    ("KD heads only", "kd", ("head",), None),
+    ("KD channels only", "kd", ("channel",), None),
 ]
 
 
@@ -53,6 +58,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--channel-group", type=int, default=16)
     parser.add_argument("--recovery", type=int, default=300, help="KD recovery steps after pruning")
+    parser.add_argument("--round-recovery", type=int, default=0, help="KD recovery steps between rounds")
+    parser.add_argument("--trial-recovery", type=int, default=0,
+                        help="KD recovery steps of each round's candidate plans before they are compared (KD rows)")
+    parser.add_argument("--latency-repeats", type=int, default=30,
+                        help="forwards per model when the scheduler times the model in turns")
+    parser.add_argument("--latency-batch", type=int, default=2,
+                        help="batch the latency is measured at (the example inputs tiled; 2 = one image with CFG)")
+    parser.add_argument("--timing-turns", type=int, default=300, help="forwards per model in the final timing")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--per-prompt", type=int, default=30)
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (0-based), default all")
@@ -63,49 +76,61 @@ def main() -> None:
     testbed = load_testbed(entry.testbed)
     data = entry.training_data()
     model = entry.build()
-    example = entry.example_inputs()
+    example = Inputs.of(entry.example_inputs()).with_batch(args.latency_batch)
     torch.set_grad_enabled(False)
-    base_latency = measure_latency(model, Inputs((), example.kwargs), 20)
     base, _ = evaluate(testbed, model, per_prompt=args.per_prompt)
-    table = [("unpruned", base_latency, sum(p.numel() for p in model.parameters()), base, {}, 0.0)]
+    table = [("unpruned", model, sum(p.numel() for p in model.parameters()), base, {}, 0.0)]
     picked = range(len(ROWS)) if args.rows is None else [int(r) for r in args.rows.split(",")]
     for i in picked:
-        label, scorer, levels = ROWS[i]
+        label, scorer, levels, extra = ROWS[i]
         start = time.perf_counter()
         graph = capture(model, (), example.kwargs)
         graph.calibration = [Inputs((), c.kwargs) for c in entry.calibration_inputs(4)]
         graph.training_data = data
-        config = PruneConfig(args.cost, args.budget, scorer, levels, args.channel_group, args.rounds,
-                             rank_by=args.rank_by)
+        budget = args.budget + (extra or 0.0)
+        config = PruneConfig(args.cost, budget, scorer, levels, args.channel_group, args.rounds,
+                             latency_repeats=args.latency_repeats, rank_by=args.rank_by)
         try:
             with torch.enable_grad():
-                result = TriLevelPrune(config, recovery_steps=args.recovery, batch=args.batch).run(graph)
+                result = TriLevelPrune(config, recovery_steps=args.recovery, batch=args.batch,
+                                       round_recovery_steps=args.round_recovery,
+                                       trial_recovery_steps=args.trial_recovery).run(graph)
         except PassError as err:  # one level alone may not reach the budget
-            table.append((label, None, None, None, {}, time.perf_counter() - start))
+            table.append((label, None, None, None, str(err).split(" (pass")[0], time.perf_counter() - start))
             print(f"{label}: {err}", flush=True)
             continue
         pruned = result.graph.module
-        latency = measure_latency(pruned, Inputs((), example.kwargs), 20)
         quality, _ = evaluate(testbed, pruned, per_prompt=args.per_prompt)
         params = sum(p.numel() for p in pruned.parameters())
-        table.append((label, latency, params, quality, result.report["removed"], time.perf_counter() - start))
-        print(f"{label}: {latency * 1e3:.2f} ms, acc {quality.accuracy:.3f}, FD {quality.frechet:.2f}", flush=True)
+        if extra:
+            label = f"{label} (budget {budget:g})"
+        table.append((label, pruned, params, quality, result.report["removed"], time.perf_counter() - start))
+        print(f"{label}: acc {quality.accuracy:.3f}, FD {quality.frechet:.2f}, {result.report['removed']}",
+              flush=True)
+
+    timed = [row[1] for row in table if row[1] is not None]
+    latencies = dict(zip(map(id, timed), latencies_in_turns(timed, example, args.timing_turns)))
+    base_latency = latencies[id(model)]
 
     print(f"\n{args.model}, budget {args.cost}={args.budget}, {args.rounds} rounds, KD recovery {args.recovery} steps "
           f"(batch {args.batch}); {args.per_prompt} samples per prompt, DDIM {testbed.spec.sample_steps} steps, "
-          f"CFG {testbed.spec.guidance}; latency: median forward at batch 2 on this CPU")
+          f"CFG {testbed.spec.guidance}; latency: median of {args.timing_turns} forwards at batch {args.latency_batch} "
+          f"on this CPU, all models taking turns; round recovery {args.round_recovery} steps, plan trials "
+          f"{args.trial_recovery} steps")
     print("| model | latency ms | speed-up | params | removed (blocks/heads/channel groups) | sample accuracy "
           "| Fréchet distance | denoising MSE | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, latency, params, q, removed, seconds in table:
-        if latency is None:
-            print(f"| {label} | budget not reachable at this level | - | - | - | - | - | - | {seconds:.0f} |")
+    for label, pruned, params, q, removed, seconds in table:
+        if pruned is None:
+            print(f"| {label} | not reachable at this level ({removed}) | - | - | - | - | - | - | {seconds:.0f} |")
             continue
+        latency = latencies[id(pruned)]
         parts = "/".join(str(removed.get(k, 0)) for k in ("block", "head", "channel")) if removed else "-"
         print(f"| {label} | {latency * 1e3:.2f} | {base_latency / latency:.2f}x | {params:,} | {parts} | "
               f"{q.accuracy:.1%} | {q.frechet:.2f} | {q.denoise_mse:.5f} | {seconds:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps([{"model": r[0], "latency_s": r[1], "params": r[2], "removed": r[4],
+        args.json.write_text(json.dumps([{"model": r[0], "latency_s": latencies.get(id(r[1])), "params": r[2],
+                                          "removed": r[4],
                                           "quality": r[3].to_json() if r[3] else None} for r in table], indent=1))
 
 

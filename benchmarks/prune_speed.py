@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 
@@ -30,9 +29,9 @@ from fxpress.frontends.calibration import spread_timesteps  # noqa: E402
 from fxpress.frontends.capture import capture  # noqa: E402
 from fxpress.ir.graph import Inputs, output_tensors  # noqa: E402
 from fxpress.passes.module_edit import timestep_input  # noqa: E402
-from fxpress.passes.prune.costs import build_cost_model  # noqa: E402
+from fxpress.passes.prune.costs import build_cost_model, latencies_in_turns  # noqa: E402
 from fxpress.passes.prune.schedule import PruneConfig  # noqa: E402
-from fxpress.passes.prune.trilevel import TriLevelPrune, measure_latency  # noqa: E402
+from fxpress.passes.prune.trilevel import TriLevelPrune  # noqa: E402
 
 
 def _latencies(models: list[torch.nn.Module], example: Inputs, args: argparse.Namespace,
@@ -40,22 +39,16 @@ def _latencies(models: list[torch.nn.Module], example: Inputs, args: argparse.Na
     """Median forward time of a copy of each model on `--device` in `--dtype` at batch `size` (0: as
     given); the models take turns, one forward each per repeat, so drift of the machine hits all alike."""
     dtype = getattr(torch, args.dtype)
-    batch = next(v.shape[0] for v in example.kwargs.values() if torch.is_tensor(v) and v.dim() > 1)
+    tiled = example.with_batch(size) if size else example
 
     def place(value: object) -> object:
         if not torch.is_tensor(value):
             return value
-        if size and value.dim() and value.shape[0] == batch:  # the batch axis: tile it to `size`
-            value = value.repeat(-(-size // batch), *[1] * (value.dim() - 1))[:size]
         return value.to(args.device, dtype if value.is_floating_point() else value.dtype)
 
-    inputs = Inputs((), {k: place(v) for k, v in example.kwargs.items()})
+    inputs = Inputs((), {k: place(v) for k, v in tiled.kwargs.items()})
     moved = [copy.deepcopy(m).to(args.device, dtype) for m in models]
-    runs: list[list[float]] = [[] for _ in moved]
-    for _ in range(args.repeats):
-        for model, times in zip(moved, runs):
-            times.append(measure_latency(model, inputs, 1))
-    return [statistics.median(times) for times in runs]
+    return latencies_in_turns(moved, inputs, args.repeats)
 
 
 def main() -> None:

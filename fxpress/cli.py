@@ -34,7 +34,8 @@ def _compress(args: argparse.Namespace) -> int:
         overrides["qat"] = _qat_steps(args.qat)
     if args.budget is not None:
         overrides.update(_prune_budget(args.budget))
-    overrides.update(scorer=args.scorer, rank_by=args.rank_by, recovery_steps=args.recovery, quantize=args.then)
+    overrides.update(scorer=args.scorer, rank_by=args.rank_by, recovery_steps=args.recovery,
+                     trial_recovery_steps=args.trial_recovery, quantize=args.then)
     recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
     entry = zoo.get(args.model)
     training_data = getattr(entry, "training_data", None)
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trilevel recipe: rank by score per saved latency/flops/params (default: the budget's cost)")
     c.add_argument("--recovery", type=int, default=None, metavar="STEPS",
                    help="trilevel recipe: KD recovery steps after pruning (testbed models)")
+    c.add_argument("--trial-recovery", type=int, default=None, metavar="STEPS",
+                   help="trilevel recipe: KD recovery steps of each round's candidate plans before they are "
+                        "compared (KD scorer, testbed models)")
     c.add_argument("--then", choices=("bitsfusion", "uniform"), default=None,
                    help="trilevel recipe: quantize the pruned model with this recipe's defaults")
     c.add_argument("--seed", type=int, default=0)

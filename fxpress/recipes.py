@@ -146,6 +146,7 @@ class TriLevelRecipe:
     prune: PruneConfig = field(default_factory=PruneConfig)  # flat keys (cost, budget, ...) fold into it
     recovery_steps: int = 0
     round_recovery_steps: int = 0
+    trial_recovery_steps: int = 0  # KD recovery of each round's candidate plans before they are compared
     calibration: int = 4
     quantize: str | None = None
     codec: str = "rans"
@@ -155,7 +156,7 @@ class TriLevelRecipe:
     @property
     def trains(self) -> bool:
         """True when KD recovery needs training data."""
-        return self.recovery_steps > 0 or self.round_recovery_steps > 0
+        return self.recovery_steps > 0 or self.round_recovery_steps > 0 or self.trial_recovery_steps > 0
 
     def validate(self) -> TriLevelRecipe:
         """Return self, or raise RecipeError naming the first invalid field."""
@@ -163,7 +164,7 @@ class TriLevelRecipe:
             raise RecipeError(f"recipe version {self.version} is not supported (this fxpress: {RECIPE_VERSION})")
         if not isinstance(self.prune, PruneConfig):
             raise RecipeError(f"prune must be a PruneConfig or a table of its fields, got {type(self.prune).__name__}")
-        if self.recovery_steps < 0 or self.round_recovery_steps < 0 or self.calibration < 1:
+        if min(self.recovery_steps, self.round_recovery_steps, self.trial_recovery_steps) < 0 or self.calibration < 1:
             raise RecipeError("recovery steps must be >= 0 and calibration >= 1")
         if self.quantize is not None and self.quantize not in ("bitsfusion", "uniform"):
             raise RecipeError(f"quantize must be 'bitsfusion', 'uniform' or absent, got {self.quantize!r}")
@@ -171,7 +172,8 @@ class TriLevelRecipe:
 
     def passes(self) -> list[Pass]:
         """Return the pass list this recipe stands for: prune, then (optionally) quantize."""
-        prune = TriLevelPrune(self.prune, self.recovery_steps, self.round_recovery_steps)
+        prune = TriLevelPrune(self.prune, self.recovery_steps, self.round_recovery_steps,
+                              trial_recovery_steps=self.trial_recovery_steps)
         return [prune, *(RECIPES[self.quantize]().passes() if self.quantize else [])]
 
 

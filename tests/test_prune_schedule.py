@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from fxpress.errors import RecipeError
 from fxpress.frontends.capture import capture
@@ -256,3 +257,53 @@ def test_a_block_the_models_own_code_reaches_into_is_refused():
     assert set(kept) == {"transformer_blocks.1", "transformer_blocks.2"}
     assert "dit_transformer_2d.py" in broken["transformer_blocks.0"]
     assert "norm1" in broken["transformer_blocks.0"]
+
+
+def test_latency_factors_time_narrowed_and_shortened_copies_and_leave_the_model_alone(dit):
+    from fxpress.passes.prune.bypass import find_stream_args
+    from fxpress.passes.prune.calibrate import FACTOR_RANGE, latency_factors
+    from fxpress.passes.prune.validate import validate_groups
+
+    model, inputs, graph, groups = dit
+    groups = validate_groups(model, dependency_groups(graph, footprints=True), inputs[:1])
+    streams, _ = find_stream_args(model, ["transformer_blocks.1", "transformer_blocks.2"], inputs[0])
+    cands = build_candidates(model, groups, list(streams), channel_group=64)
+    latency = build_cost_model(graph, "latency", repeats=2)
+    seconds = {c.name: candidate_cost(latency, c) for c in cands}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    factors = latency_factors(model, cands, seconds, latency.total, streams, Inputs((), inputs[0]), turns=3)
+    assert set(factors) == {"block", "head", "channel"} and factors["head"] == factors["channel"]
+    assert all(FACTOR_RANGE[0] <= f <= FACTOR_RANGE[1] for f in factors.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(b).__name__ != "Bypass" for b in model.transformer_blocks)
+
+
+def test_a_latency_budget_is_a_fraction_of_the_unpruned_models_measured_latency(dit):
+    model, inputs, graph, _ = dit
+    graph.calibration = [Inputs((), kw) for kw in inputs]
+    config = PruneConfig(cost="latency", budget=0.7, scorer="magnitude", rounds=1, channel_group=128,
+                         latency_repeats=3)
+    result = greedy_prune(graph, config)
+    assert result.goal == 0.7 and 0.0 < result.final_cost
+    assert result.rounds and set(result.rounds[0].latency_factors) == {"block", "head", "channel"}
+    assert result.rounds[0].cost_before == pytest.approx(1.0, abs=0.5)  # the unpruned model against itself
+
+
+def test_plans_are_judged_after_a_trial_fine_tune_and_the_winner_is_kept(dit):
+    model, inputs, graph, _ = dit
+    graph.calibration = [Inputs((), kw) for kw in inputs]
+    tried: list[nn.Module] = []
+
+    def trial(candidate: nn.Module) -> None:  # stands in for a short KD recovery
+        candidate.tried = len(tried)
+        tried.append(candidate)
+
+    config = PruneConfig(cost="params", budget=0.8, scorer="kd", rounds=1, channel_group=128)
+    result = greedy_prune(graph, config, trial=trial)
+    assert len(tried) >= 2  # every level, and plans drawn from fewer levels
+    assert any(result.model is t for t in tried) and not hasattr(model, "tried")
+    names = {n for r in result.rounds for names in r.removed.values() for n in names}
+    blocks = {n.removeprefix("block ") for n in names if n.startswith("block ")}
+    assert set(result.bypassed) == blocks
+    with torch.no_grad():
+        assert torch.isfinite(result.model(**inputs[1]).sample).all()

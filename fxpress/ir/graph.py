@@ -37,6 +37,21 @@ class Inputs:
             return cls((value,), {})
         return cls(tuple(value), {})
 
+    def with_batch(self, size: int) -> Inputs:
+        """Return these inputs with every tensor that has the batch axis (the first dim of the first tensor
+        of two or more dims) repeated along it to `size` rows."""
+        tensors = [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 1]
+        if not tensors:
+            return self
+        batch = tensors[0].shape[0]
+
+        def tile(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor) or not value.dim() or value.shape[0] != batch:
+                return value
+            return value.repeat(-(-size // batch), *[1] * (value.dim() - 1))[:size]
+
+        return Inputs(tuple(tile(v) for v in self.args), {k: tile(v) for k, v in self.kwargs.items()})
+
 
 class Graph:
     """A captured model: the runnable `module`, its FX `graph_module`, and the layer view.

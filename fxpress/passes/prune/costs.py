@@ -81,6 +81,27 @@ def measure_latency(model: nn.Module, inputs: Inputs, repeats: int = 10) -> floa
     return statistics.median(runs)
 
 
+def latencies_in_turns(models: list[nn.Module], inputs: Inputs, turns: int = 10) -> list[float]:
+    """Return each model's median forward time in seconds, the models taking turns (one forward each per
+    turn, after 2 warm-ups each) so that drift of the machine hits them all alike."""
+    params = [next(m.parameters(), None) for m in models]
+    cuda = any(p is not None and p.is_cuda for p in params)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.no_grad():
+        for model in models:
+            for _ in range(2):
+                model(*inputs.args, **inputs.kwargs)
+        runs: list[list[float]] = [[] for _ in models]
+        for _ in range(max(turns, 1)):
+            for model, times in zip(models, runs):
+                sync()
+                start = time.perf_counter()
+                model(*inputs.args, **inputs.kwargs)
+                sync()
+                times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in runs]
+
+
 def _timeable(node: fx.Node) -> bool:
     """An op node that computes tensors (not a getitem of a tuple, not a shape assertion)."""
     val = node.meta.get("val")

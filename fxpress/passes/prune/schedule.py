@@ -19,10 +19,12 @@ from fxpress.ir.blocks import block_units
 from fxpress.ir.dependency import dependency_groups
 from fxpress.ir.graph import Graph
 from fxpress.passes.prune.bypass import StreamArg, bypass_blocks, find_stream_args, validate_bypass
+from fxpress.passes.prune.calibrate import latency_factors
 from fxpress.passes.prune.candidates import LEVELS, Candidate, build_candidates
-from fxpress.passes.prune.costs import COST_KINDS, build_cost_model, candidate_cost
+from fxpress.passes.prune.costs import COST_KINDS, build_cost_model, candidate_cost, latencies_in_turns
+from fxpress.passes.prune.moves import best_plan, plan_moves
 from fxpress.passes.prune.remove import remove_units
-from fxpress.passes.prune.scores import DistillTarget, kd_scores, magnitude_scores, random_scores
+from fxpress.passes.prune.scores import DistillTarget, kd_joint, kd_scores, magnitude_scores, random_scores
 from fxpress.passes.prune.validate import validate_groups
 
 SCORERS = ("kd", "magnitude", "random")
@@ -69,56 +71,7 @@ class PruneRound:
     cost_before: float = 0.0
     cost_after: float = 0.0
     refused_blocks: dict[str, str] = field(default_factory=dict)
-
-
-def _inside(cand: Candidate, block: str) -> bool:
-    return any(name.startswith(block + ".") for unit in cand.units for name, _ in unit.slices)
-
-
-def _choose(cands: list[Candidate], scores: dict[str, float], costs: dict[str, float],
-            target: float, rank: dict[str, float] | None = None) -> list[Candidate]:
-    """Pick candidates by increasing score per saved `rank` cost (default: `costs`) until `target` of
-    `costs` is saved, keeping models whole.
-
-    A candidate that would overshoot the target by more than 10% waits until smaller ones are tried.
-    """
-    rank = costs if rank is None else rank
-    ordered = sorted((c for c in cands if costs[c.name] > 0 and rank[c.name] > 0),
-                     key=lambda c: (max(scores[c.name], 0.0) / rank[c.name], c.name))
-    taken: list[Candidate] = []
-    left: dict[str, int] = {}
-    saved = 0.0
-
-    def allowed(cand: Candidate) -> bool:
-        if cand.family is not None and left.get(cand.family.name, len(cand.family.units)) - len(cand.units) < 1:
-            return False  # keep at least one unit of every family
-        if any(_inside(cand, t.block) for t in taken if t.level == "block"):
-            return False  # its block is already gone
-        return not (cand.level == "block" and any(_inside(t, cand.block) for t in taken))
-
-    def take(cand: Candidate) -> None:
-        nonlocal saved
-        taken.append(cand)
-        saved += costs[cand.name]
-        if cand.family is not None:
-            left[cand.family.name] = left.get(cand.family.name, len(cand.family.units)) - len(cand.units)
-
-    deferred = []
-    for cand in ordered:
-        if saved >= target:
-            break
-        if not allowed(cand):
-            continue
-        if saved + costs[cand.name] > 1.1 * target:
-            deferred.append(cand)
-            continue
-        take(cand)
-    for cand in deferred:  # the target is still not met: accept overshooting candidates, best first
-        if saved >= target:
-            break
-        if allowed(cand):
-            take(cand)
-    return taken
+    latency_factors: dict[str, float] = field(default_factory=dict)  # measured / modelled saving, per level
 
 
 @dataclass
@@ -143,30 +96,74 @@ class Pruned:
                 "attributes": {p: a for p, a in self.attributes.items() if not p.startswith(inside)}}
 
 
-def greedy_prune(graph: Graph, config: PruneConfig,
-                 recover: Callable[[nn.Module, int], None] | None = None) -> Pruned:
+def _key(plan: list[Candidate]) -> tuple[str, ...]:
+    return tuple(sorted(c.name for c in plan))
+
+
+def _remove(model: nn.Module, chosen: list[Candidate],
+            streams: dict[str, StreamArg]) -> tuple[dict[str, dict[str, Any]], dict[str, StreamArg]]:
+    """Remove `chosen` from `model` in place; return the attributes set (by module) and the blocks bypassed."""
+    by_family: dict[str, tuple] = {}
+    for cand in chosen:
+        if cand.family is not None:
+            by_family.setdefault(cand.family.name, (cand.family, []))[1].extend(cand.units)
+    attributes = remove_units(model, list(by_family.values()))
+    gone = {c.block: streams[c.block] for c in chosen if c.level == "block"}
+    bypass_blocks(model, gone)
+    return attributes, gone
+
+
+class _Trials:
+    """Judges a round's plans by the KD loss of a copy with the plan removed and briefly fine-tuned
+    (`trial`), keeping each trained copy so that the winner need not be trained again."""
+
+    def __init__(self, model: nn.Module, streams: dict[str, StreamArg], target: DistillTarget,
+                 trial: Callable[[nn.Module], None]):
+        self.model, self.streams, self.target, self.trial = model, streams, target, trial
+        self.kept: dict[tuple[str, ...], tuple[nn.Module, tuple]] = {}
+
+    def __call__(self, plan: list[Candidate]) -> float:
+        trained = copy.deepcopy(self.model)
+        edits = _remove(trained, plan, self.streams)
+        self.trial(trained)
+        self.kept[_key(plan)] = (trained, edits)
+        return self.target.loss(trained)
+
+
+def greedy_prune(graph: Graph, config: PruneConfig, recover: Callable[[nn.Module, int], None] | None = None,
+                 trial: Callable[[nn.Module], None] | None = None) -> Pruned:
     """Return a pruned copy of `graph.module` (the original is untouched) with what each round removed.
 
     The graph's calibration inputs (keyword arguments, several timesteps) drive scoring and checks;
-    `recover(model, round)` may fine-tune between rounds. Raises PassError when nothing more can go.
+    `recover(model, round)` may fine-tune between rounds; with KD scoring, `trial(model)` briefly
+    fine-tunes each of a round's plans before they are compared (the winner is kept as it is trained).
+    Raises PassError when nothing more can go.
     """
     inputs = [c.kwargs for c in graph.calibration]
     teacher = copy.deepcopy(graph.module).eval().requires_grad_(False)
     student = copy.deepcopy(graph.module).eval().requires_grad_(False)
     target = DistillTarget(teacher, inputs, config.feature_weight) if config.scorer == "kd" else None
     result = Pruned(student, [])
-    initial = goal = None
     rank_by = config.rank_by or config.cost
+    timed = config.cost == "latency" and not graph.example.args
+    if timed:  # latency is counted as a fraction of the unpruned model's, the two timed in turns
+        result.goal = config.budget
     for index in range(config.rounds * 3 + 1):  # a round may fall short; give it a few more tries
         current = graph.recapture(student)
         costs = build_cost_model(current, config.cost, config.latency_repeats)
-        if initial is None:
-            initial = costs.total
-            goal = result.goal = config.budget * initial
-        result.final_cost = costs.total
-        if costs.total <= goal or index == config.rounds * 3:
+        if timed:
+            now, before = latencies_in_turns([student, teacher], graph.example, config.latency_repeats)
+            total, scale = now / before, now / before / costs.total
+        else:
+            total, scale = costs.total, 1.0
+            if index == 0:
+                result.goal = config.budget * costs.total
+        initial = 1.0 if timed else result.goal / config.budget
+        goal = result.goal
+        result.final_cost = total
+        if total <= goal or index == config.rounds * 3:
             break
-        record = PruneRound(cost_before=costs.total)
+        record = PruneRound(cost_before=total)
         ranking = costs if rank_by == config.cost else build_cost_model(current, rank_by, config.latency_repeats)
         groups = dependency_groups(current, footprints="latency" in (config.cost, rank_by))
         groups = validate_groups(student, groups, inputs[:1])
@@ -176,31 +173,45 @@ def greedy_prune(graph: Graph, config: PruneConfig,
         record.refused_blocks.update({**refused_blocks, **broken})
         cands = build_candidates(student, groups, list(streams), levels=config.levels,
                                  channel_group=config.channel_group)
-        saved = {c.name: candidate_cost(costs, c) for c in cands}
+        saved = {c.name: scale * candidate_cost(costs, c) for c in cands}
+        cands = [c for c in cands if saved[c.name] > 0]  # what saves nothing of the budget is not worth losing
         rank = saved if ranking is costs else {c.name: candidate_cost(ranking, c) for c in cands}
+        if "latency" in (config.cost, rank_by) and not graph.example.args:
+            timing = costs if config.cost == "latency" else ranking
+            seconds = {c.name: candidate_cost(timing, c) for c in cands}
+            record.latency_factors = latency_factors(student, cands, seconds, timing.total, streams,
+                                                     graph.example, config.latency_repeats)
+            same, factors = rank is saved, record.latency_factors
+            if config.cost == "latency":
+                saved = {c.name: saved[c.name] * factors[c.level] for c in cands}
+            if rank_by == "latency":
+                rank = saved if same else {c.name: rank[c.name] * factors[c.level] for c in cands}
+        joint = None
         if config.scorer == "kd":
             scores = kd_scores(student, cands, target, streams)
+            joint = kd_joint(student, target, streams)
         elif config.scorer == "magnitude":
             scores = magnitude_scores(student, cands)
         else:
             scores = random_scores(cands, config.seed + index)
-        step = min(costs.total - goal, (initial - goal) / config.rounds)
-        chosen = _choose(cands, scores, saved, step, rank)
+        step = min(total - goal, (initial - goal) / config.rounds)
+        judge = _Trials(student, streams, target, trial) if trial is not None and target is not None else joint
+        chosen = best_plan(plan_moves(cands, scores, rank, joint), saved, step, rank, judge)
         if not chosen:
-            raise PassError(f"nothing left to prune: cost {costs.total:.4g} is still above the goal {goal:.4g}",
+            raise PassError(f"nothing left to prune: cost {total:.4g} is still above the goal {goal:.4g}",
                             "TriLevelPrune")
-        by_family: dict[str, tuple] = {}
         for cand in chosen:
             record.removed.setdefault(cand.level, []).append(cand.name)
-            if cand.family is not None:
-                by_family.setdefault(cand.family.name, (cand.family, []))[1].extend(cand.units)
-        for path, attrs in remove_units(student, list(by_family.values())).items():
+        if judge is not joint and judge.kept.get(_key(chosen)) is not None:
+            student, (attributes, gone) = judge.kept[_key(chosen)]  # the winner, already fine-tuned
+            result.model = student
+        else:
+            attributes, gone = _remove(student, chosen, streams)
+        for path, attrs in attributes.items():
             result.attributes.setdefault(path, {}).update(attrs)
-        gone = {c.block: streams[c.block] for c in chosen if c.level == "block"}
-        bypass_blocks(student, gone)
         result.bypassed.update(gone)
         if recover is not None:
             recover(student, index)
-        record.cost_after = costs.total - sum(saved[c.name] for c in chosen)
+        record.cost_after = total - sum(saved[c.name] for c in chosen)
         result.rounds.append(record)
     return result

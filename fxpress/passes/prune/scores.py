@@ -66,6 +66,18 @@ def kd_scores(model: nn.Module, candidates: list[Candidate], target: DistillTarg
     return scores
 
 
+def kd_joint(model: nn.Module, target: DistillTarget,
+             streams: dict[str, StreamArg]) -> Callable[[list[Candidate]], float]:
+    """Return a function giving the KD loss rise of `model` with several candidates masked together."""
+    base = target.loss(model)
+
+    def joint(candidates: list[Candidate]) -> float:
+        with masked(model, candidates, streams):
+            return target.loss(model) - base
+
+    return joint
+
+
 def magnitude_scores(model: nn.Module, candidates: list[Candidate]) -> dict[str, float]:
     """Return, per candidate, the mean squared weight it removes relative to the tensors it comes from.
 

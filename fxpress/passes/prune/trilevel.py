@@ -1,7 +1,8 @@
 """`TriLevelPrune`: the mobile-DiT paper's structured pruning as a pass (blocks, heads, channels).
 
-Greedy, latency-aware removal scored by KD (or magnitude / random), optional KD recovery between
-rounds and after the last one (needs the Graph's training data), then the pruned model is captured
+Greedy, latency-aware removal scored by KD (or magnitude / random), optional KD recovery of each
+round's candidate plans before they are compared, between rounds and after the last one (needs the
+Graph's training data), then the pruned model is captured
 again so later passes (quantization) see the new shapes. The report lists what each level lost and
 the measured CPU latency of the whole model before and after.
 """
@@ -15,7 +16,7 @@ from torch import nn
 from fxpress.errors import PassError
 from fxpress.ir.graph import Graph
 from fxpress.passes.base import Pass, PassResult
-from fxpress.passes.prune.costs import measure_latency
+from fxpress.passes.prune.costs import latencies_in_turns
 from fxpress.passes.prune.recovery import recover
 from fxpress.passes.prune.schedule import PruneConfig, greedy_prune
 
@@ -27,13 +28,15 @@ class TriLevelPrune(Pass):
     transforms = True
 
     def __init__(self, config: PruneConfig, recovery_steps: int = 0, round_recovery_steps: int = 0,
-                 batch: int = 32, lr: float = 1e-4, latency_repeats: int = 10):
+                 batch: int = 32, lr: float = 1e-4, latency_repeats: int = 10, trial_recovery_steps: int = 0):
         self.config = config
         self.recovery_steps, self.round_recovery_steps = recovery_steps, round_recovery_steps
+        self.trial_recovery_steps = trial_recovery_steps
         self.batch, self.lr, self.latency_repeats = batch, lr, latency_repeats
 
     def run(self, graph: Graph) -> PassResult:
-        if (self.recovery_steps or self.round_recovery_steps) and graph.training_data is None:
+        if (self.recovery_steps or self.round_recovery_steps or self.trial_recovery_steps) \
+                and graph.training_data is None:
             raise PassError("KD recovery needs training data (compress(..., training_data=...))", self.name)
         if graph.example.args:
             raise PassError("pruning needs the model's inputs as keyword arguments", self.name)
@@ -46,12 +49,16 @@ class TriLevelPrune(Pass):
                 recover(model, teacher, graph.training_data, self.round_recovery_steps, batch=self.batch,
                         lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + index)
 
-        latency_before = measure_latency(graph.module, graph.example, self.latency_repeats)
-        result = greedy_prune(graph, self.config, between)
+        def trial(model: nn.Module) -> None:
+            recover(model, teacher, graph.training_data, self.trial_recovery_steps, batch=self.batch, lr=self.lr,
+                    feature_weight=self.config.feature_weight, seed=self.config.seed + 500)
+
+        result = greedy_prune(graph, self.config, between, trial if self.trial_recovery_steps else None)
         losses = recover(result.model, teacher, graph.training_data, self.recovery_steps, batch=self.batch,
                          lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + 1000) \
             if self.recovery_steps else []
-        latency_after = measure_latency(result.model, graph.example, self.latency_repeats)
+        latency_before, latency_after = latencies_in_turns([graph.module, result.model], graph.example,
+                                                           self.latency_repeats)
         pruned = graph.recapture(result.model)
         pruned.extras["structure"] = result.structure()
         removed: dict[str, int] = {}
@@ -64,8 +71,8 @@ class TriLevelPrune(Pass):
             "ranked_by": self.config.rank_by or self.config.cost, "budget_met": result.met,
             "cost_goal": result.goal, "cost_final": result.final_cost,
             "removed": removed, "blocks_removed": sorted(result.bypassed),
-            "rounds": [{"removed": r.removed, "cost_before": r.cost_before, "cost_after": r.cost_after}
-                       for r in result.rounds],
+            "rounds": [{"removed": r.removed, "cost_before": r.cost_before, "cost_after": r.cost_after,
+                        "latency_factors": r.latency_factors} for r in result.rounds],
             "refused_blocks": {k: v for r in result.rounds for k, v in r.refused_blocks.items()},
             "params_before": params[0], "params_after": params[1],
             "latency_before_s": latency_before, "latency_after_s": latency_after,
