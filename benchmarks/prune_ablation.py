@@ -35,6 +35,7 @@ from fxpress.passes.prune.schedule import PruneConfig  # noqa: E402
 from fxpress.passes.prune.trilevel import TriLevelPrune  # noqa: E402
 from fxpress.testbed.models import load_testbed  # noqa: E402
 from fxpress.testbed.quality import evaluate  # noqa: E402
+from fxpress.testbed.training_data import noisy_inputs  # noqa: E402
 
 TRI = ("block", "head", "channel")
 ROWS = [  # label, scorer, levels, budget (None: --budget; a number: --budget plus it)
@@ -66,6 +67,9 @@ def main() -> None:
     parser.add_argument("--latency-batch", type=int, default=2,
                         help="batch the latency is measured at (the example inputs tiled; 2 = one image with CFG)")
     parser.add_argument("--timing-turns", type=int, default=300, help="forwards per model in the final timing")
+    parser.add_argument("--calibration", type=int, default=4, help="calibration inputs (timesteps spread evenly)")
+    parser.add_argument("--calibration-batch", type=int, default=2,
+                        help="training images per calibration input (KD scores average over all of them)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--per-prompt", type=int, default=30)
     parser.add_argument("--rows", default=None, help="comma-separated row numbers (0-based), default all")
@@ -85,7 +89,8 @@ def main() -> None:
         label, scorer, levels, extra = ROWS[i]
         start = time.perf_counter()
         graph = capture(model, (), example.kwargs)
-        graph.calibration = [Inputs((), c.kwargs) for c in entry.calibration_inputs(4)]
+        steps = [int((k + 0.5) * 1000 / args.calibration) for k in range(args.calibration)]
+        graph.calibration = [Inputs((), kw) for kw in noisy_inputs(testbed, steps, 1, args.calibration_batch)]
         graph.training_data = data
         budget = args.budget + (extra or 0.0)
         config = PruneConfig(args.cost, budget, scorer, levels, args.channel_group, args.rounds,
@@ -116,7 +121,7 @@ def main() -> None:
           f"(batch {args.batch}); {args.per_prompt} samples per prompt, DDIM {testbed.spec.sample_steps} steps, "
           f"CFG {testbed.spec.guidance}; latency: median of {args.timing_turns} forwards at batch {args.latency_batch} "
           f"on this CPU, all models taking turns; round recovery {args.round_recovery} steps, plan trials "
-          f"{args.trial_recovery} steps")
+          f"{args.trial_recovery} steps; {args.calibration} calibration inputs of {args.calibration_batch} images")
     print("| model | latency ms | speed-up | params | removed (blocks/heads/channel groups) | sample accuracy "
           "| Fréchet distance | denoising MSE | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")

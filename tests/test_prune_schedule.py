@@ -233,7 +233,9 @@ def test_trilevel_recipe_folds_flat_keys_and_tables_into_one_prune_config(tmp_pa
     toml = tmp_path / "r.toml"
     toml.write_text('recipe = "trilevel"\nscorer = "random"\n[prune]\nrounds = 2\nlevels = ["head"]\n')
     assert make_recipe(toml, budget=0.3).prune == PruneConfig(budget=0.3, scorer="random", rounds=2, levels=("head",))
-    for bad in ({"rounds": 0}, {"depth": 3}, {"qat": {"stage1_steps": 1}}):
+    trial = make_recipe("trilevel", trial_recovery_steps=20)
+    assert trial.trains and trial.passes()[0].trial_recovery_steps == 20
+    for bad in ({"rounds": 0}, {"depth": 3}, {"qat": {"stage1_steps": 1}}, {"trial_recovery_steps": -1}):
         with pytest.raises(RecipeError):
             make_recipe("trilevel", **bad)
 
@@ -307,3 +309,18 @@ def test_plans_are_judged_after_a_trial_fine_tune_and_the_winner_is_kept(dit):
     assert set(result.bypassed) == blocks
     with torch.no_grad():
         assert torch.isfinite(result.model(**inputs[1]).sample).all()
+
+
+def test_masking_a_block_scores_like_removing_it(dit):
+    from fxpress.passes.prune.bypass import bypass_blocks, find_stream_args
+
+    model, inputs, _, _ = dit
+    streams, _ = find_stream_args(model, ["transformer_blocks.2"], inputs[0])
+    pruned = copy.deepcopy(model)
+    bypass_blocks(pruned, streams)
+    target = DistillTarget(model, inputs[:2])
+    block = build_candidates(model, dependency_groups(capture(model, (), inputs[0])), list(streams),
+                             levels=("block",))
+    score = kd_scores(model, block, target, streams)[block[0].name]
+    assert score > 0 and score == pytest.approx(target.loss(pruned), rel=1e-5)
+

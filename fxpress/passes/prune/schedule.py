@@ -82,8 +82,8 @@ class Pruned:
     rounds: list[PruneRound]
     attributes: dict[str, dict[str, Any]] = field(default_factory=dict)  # module path -> attributes set
     bypassed: dict[str, StreamArg] = field(default_factory=dict)  # removed block -> where its stream is
-    goal: float = 0.0  # the budget in the cost's unit
-    final_cost: float = 0.0  # the pruned model's cost, as the cost model counts it
+    goal: float = 0.0  # the budget in the cost's unit (latency: a fraction of the unpruned model's)
+    final_cost: float = 0.0  # the pruned model's cost, as measured (latency) or counted at the last round
 
     @property
     def met(self) -> bool:
