@@ -20,6 +20,7 @@ from fxpress.ir.graph import Inputs
 from fxpress.passes.prune.bypass import StreamArg, bypass_blocks
 from fxpress.passes.prune.candidates import Candidate
 from fxpress.passes.prune.costs import latencies_in_turns
+from fxpress.passes.prune.moves import removable_prefix
 from fxpress.passes.prune.remove import remove_units
 
 FACTOR_RANGE = (0.02, 2.0)
@@ -30,17 +31,7 @@ def _half_of_each_family(cands: list[Candidate]) -> list[Candidate]:
     for cand in cands:
         if cand.family is not None:
             by_family.setdefault(cand.family.name, []).append(cand)
-    picked = []
-    for members in by_family.values():
-        family = members[0].family
-        assert family is not None
-        left = len(family.units)
-        for cand in members[: len(members) // 2]:
-            if left - len(cand.units) < 1:
-                break
-            left -= len(cand.units)
-            picked.append(cand)
-    return picked
+    return [cand for members in by_family.values() for cand in removable_prefix(members[: len(members) // 2])]
 
 
 def _factor(saved_fraction: float, modelled_fraction: float) -> float:

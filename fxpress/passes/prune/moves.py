@@ -52,8 +52,10 @@ def _hull(points: list[tuple[float, float, int]]) -> list[tuple[float, float, in
     return hull
 
 
-def _removable(family_cands: list[Candidate]) -> list[Candidate]:
-    """Return the longest prefix that leaves at least one unit of the family."""
+def removable_prefix(family_cands: list[Candidate]) -> list[Candidate]:
+    """Return the longest prefix of one family's candidates that leaves at least one unit of the family."""
+    if not family_cands:
+        return []
     family = family_cands[0].family
     assert family is not None
     left, out = len(family.units), []
@@ -81,7 +83,7 @@ def plan_moves(candidates: list[Candidate], scores: dict[str, float], rank: dict
         else:
             families.setdefault(cand.family.name, []).append(cand)
     for name, members in families.items():
-        members = _removable(sorted(members, key=lambda c: (max(scores[c.name], 0.0) / rank[c.name], c.name)))
+        members = removable_prefix(sorted(members, key=lambda c: (max(scores[c.name], 0.0) / rank[c.name], c.name)))
         if not members:
             continue
         if joint is None:
