@@ -34,8 +34,8 @@ def _compress(args: argparse.Namespace) -> int:
         overrides["qat"] = _qat_steps(args.qat)
     if args.budget is not None:
         overrides.update(_prune_budget(args.budget))
-    overrides.update(scorer=args.scorer, rank_by=args.rank_by, recovery_steps=args.recovery,
-                     trial_recovery_steps=args.trial_recovery, quantize=args.then)
+    overrides.update(scorer=args.scorer, rank_by=args.rank_by, latency_batch=args.latency_batch,
+                     recovery_steps=args.recovery, trial_recovery_steps=args.trial_recovery, quantize=args.then)
     recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
     entry = zoo.get(args.model)
     training_data = getattr(entry, "training_data", None)
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trilevel recipe: what decides which blocks, heads and channels go")
     c.add_argument("--rank-by", choices=("latency", "flops", "params"), default=None,
                    help="trilevel recipe: rank by score per saved latency/flops/params (default: the budget's cost)")
+    c.add_argument("--latency-batch", type=int, default=None, metavar="N",
+                   help="trilevel recipe: time latency at this batch (the example inputs tiled; the batch the "
+                        "model will serve at)")
     c.add_argument("--recovery", type=int, default=None, metavar="STEPS",
                    help="trilevel recipe: KD recovery steps after pruning (testbed models)")
     c.add_argument("--trial-recovery", type=int, default=None, metavar="STEPS",

@@ -79,3 +79,16 @@ def test_clip_text_and_dit_capture():
         example = entry.example_inputs()
         graph = fxpress.capture(entry.build(), example.args, example.kwargs)
         assert any(path.endswith(first) for path in graph.layers)  # transformers 5 drops `text_model.`
+
+
+def test_inputs_tile_to_a_batch_along_the_batch_axis_only():
+    from fxpress.ir.graph import Inputs
+
+    inputs = Inputs((), {"x": torch.arange(6.0).reshape(2, 3), "t": torch.tensor([5, 7]), "scale": torch.tensor(2.0),
+                         "ids": torch.ones(4, 1)})
+    assert inputs.batch_size == 2
+    tiled = inputs.with_batch(5)
+    assert tiled.batch_size == 5 and tiled.kwargs["t"].tolist() == [5, 7, 5, 7, 5]
+    assert torch.equal(tiled.kwargs["x"][4], inputs.kwargs["x"][0])
+    assert tiled.kwargs["scale"].dim() == 0 and tiled.kwargs["ids"].shape == (4, 1)  # not on the batch axis
+    assert Inputs((), {"t": torch.tensor([1])}).batch_size is None

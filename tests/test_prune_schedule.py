@@ -129,7 +129,7 @@ def test_latency_counts_the_activations_a_channel_group_shrinks(dit):
 
 
 @pytest.mark.parametrize("bad", [{"budget": 1.5}, {"cost": "watts"}, {"scorer": "vibes"}, {"levels": ("layer",)},
-                                 {"rank_by": "watts"}])
+                                 {"rank_by": "watts"}, {"latency_batch": -1}])
 def test_bad_prune_configs_are_refused(bad):
     with pytest.raises(RecipeError):
         PruneConfig(**bad)
@@ -289,6 +289,19 @@ def test_a_latency_budget_is_a_fraction_of_the_unpruned_models_measured_latency(
     assert result.goal == 0.7 and 0.0 < result.final_cost
     assert result.rounds and set(result.rounds[0].latency_factors) == {"block", "head", "channel"}
     assert result.rounds[0].cost_before == pytest.approx(1.0, abs=0.5)  # the unpruned model against itself
+
+
+def test_latency_is_timed_at_the_batch_asked_for_and_the_pruned_graph_keeps_its_own(dit):
+    from fxpress.passes.prune.trilevel import TriLevelPrune
+
+    model, inputs, graph, _ = dit
+    graph.calibration = [Inputs((), kw) for kw in inputs]
+    config = PruneConfig(cost="latency", budget=0.8, scorer="magnitude", rounds=1, channel_group=128,
+                         latency_repeats=2, latency_batch=8)
+    result = TriLevelPrune(config, latency_repeats=2).run(graph)
+    assert result.report["latency_batch"] == 8 and graph.example.batch_size == 2
+    assert result.graph.example.batch_size == 2  # later passes see the model's own example inputs
+    assert sum(p.numel() for p in result.graph.module.parameters()) < sum(p.numel() for p in model.parameters())
 
 
 def test_plans_are_judged_after_a_trial_fine_tune_and_the_winner_is_kept(dit):

@@ -37,13 +37,18 @@ class Inputs:
             return cls((value,), {})
         return cls(tuple(value), {})
 
-    def with_batch(self, size: int) -> Inputs:
-        """Return these inputs with every tensor that has the batch axis (the first dim of the first tensor
-        of two or more dims) repeated along it to `size` rows."""
+    @property
+    def batch_size(self) -> int | None:
+        """The batch: the first dim of the first tensor of two or more dims (None when there is none)."""
         tensors = [v for v in (*self.args, *self.kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() > 1]
-        if not tensors:
+        return tensors[0].shape[0] if tensors else None
+
+    def with_batch(self, size: int) -> Inputs:
+        """Return these inputs with every tensor that has the batch axis (see `batch_size`) repeated along
+        it to `size` rows."""
+        batch = self.batch_size
+        if batch is None:
             return self
-        batch = tensors[0].shape[0]
 
         def tile(value: Any) -> Any:
             if not isinstance(value, torch.Tensor) or not value.dim() or value.shape[0] != batch:
@@ -122,11 +127,13 @@ class Graph:
         return cls(module, exported.graph_module, dict(sig.inputs_to_parameters), example, calibration, source,
                    list(sig.user_inputs), {**sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants})
 
-    def recapture(self, module: nn.Module) -> Graph:
-        """Return a new Graph of `module` (say, this model after a structural edit) exported on this Graph's
-        example inputs; calibration, source, training data and extras carry over, annotations do not."""
-        exported = torch.export.export(module, tuple(self.example.args), dict(self.example.kwargs), strict=False)
-        new = Graph.from_export(module, exported, self.example, self.calibration, self.source)
+    def recapture(self, module: nn.Module, example: Inputs | None = None) -> Graph:
+        """Return a new Graph of `module` (say, this model after a structural edit) exported on `example`
+        (this Graph's example inputs by default); calibration, source, training data and extras carry
+        over, annotations do not."""
+        example = example or self.example
+        exported = torch.export.export(module, tuple(example.args), dict(example.kwargs), strict=False)
+        new = Graph.from_export(module, exported, example, self.calibration, self.source)
         new.training_data, new.extras = self.training_data, copy.deepcopy(self.extras)
         return new
 

@@ -35,7 +35,9 @@ class PruneConfig:
     """What to prune to: keep `budget` of the `cost` ('latency', 'flops', 'params'), scored by `scorer`.
 
     Candidates are ranked by score per unit of `rank_by` saved ('' means the budget's own cost): a
-    FLOPs budget ranked by measured latency removes what is slow for its FLOPs first.
+    FLOPs budget ranked by measured latency removes what is slow for its FLOPs first. Latency is
+    timed at the example inputs' batch, or tiled to `latency_batch` rows when that is set (the batch
+    the model will serve at: a small model at batch 1-2 is bound by per-op overhead, not compute).
     """
 
     cost: str = "latency"
@@ -48,6 +50,7 @@ class PruneConfig:
     seed: int = 0
     latency_repeats: int = 10
     rank_by: str = ""
+    latency_batch: int = 0  # 0: the example inputs' own batch
 
     def __post_init__(self) -> None:
         if self.cost not in COST_KINDS or self.rank_by not in ("", *COST_KINDS):
@@ -59,6 +62,8 @@ class PruneConfig:
             raise RecipeError(f"unknown pruning scorer {self.scorer!r}; use one of {', '.join(SCORERS)}")
         if not self.levels or any(level not in LEVELS for level in self.levels):
             raise RecipeError(f"pruning levels must be among {LEVELS}, got {self.levels}")
+        if self.latency_batch < 0:
+            raise RecipeError(f"latency_batch must be a batch size (0: the example's own), got {self.latency_batch}")
         if self.rounds < 1 or self.channel_group < 1:
             raise RecipeError("pruning needs at least one round and channel groups of at least one channel")
 
@@ -140,6 +145,8 @@ def greedy_prune(graph: Graph, config: PruneConfig, recover: Callable[[nn.Module
     Raises PassError when nothing more can go.
     """
     inputs = [c.kwargs for c in graph.calibration]
+    if config.latency_batch:
+        graph = graph.recapture(graph.module, graph.example.with_batch(config.latency_batch))
     teacher = copy.deepcopy(graph.module).eval().requires_grad_(False)
     student = copy.deepcopy(graph.module).eval().requires_grad_(False)
     target = DistillTarget(teacher, inputs, config.feature_weight) if config.scorer == "kd" else None

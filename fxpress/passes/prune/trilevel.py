@@ -57,8 +57,8 @@ class TriLevelPrune(Pass):
         losses = recover(result.model, teacher, graph.training_data, self.recovery_steps, batch=self.batch,
                          lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + 1000) \
             if self.recovery_steps else []
-        latency_before, latency_after = latencies_in_turns([graph.module, result.model], graph.example,
-                                                           self.latency_repeats)
+        timed = graph.example.with_batch(self.config.latency_batch) if self.config.latency_batch else graph.example
+        latency_before, latency_after = latencies_in_turns([graph.module, result.model], timed, self.latency_repeats)
         pruned = graph.recapture(result.model)
         pruned.extras["structure"] = result.structure()
         removed: dict[str, int] = {}
@@ -70,6 +70,7 @@ class TriLevelPrune(Pass):
             "budget": f"{self.config.cost}={self.config.budget}", "scorer": self.config.scorer,
             "ranked_by": self.config.rank_by or self.config.cost, "budget_met": result.met,
             "cost_goal": result.goal, "cost_final": result.final_cost,
+            "latency_batch": timed.batch_size,
             "removed": removed, "blocks_removed": sorted(result.bypassed),
             "rounds": [{"removed": r.removed, "cost_before": r.cost_before, "cost_after": r.cost_after,
                         "latency_factors": r.latency_factors} for r in result.rounds],
