@@ -291,14 +291,22 @@ def test_a_latency_budget_is_a_fraction_of_the_unpruned_models_measured_latency(
     assert result.rounds[0].cost_before == pytest.approx(1.0, abs=0.5)  # the unpruned model against itself
 
 
-def test_latency_is_timed_at_the_batch_asked_for_and_the_pruned_graph_keeps_its_own(dit):
+def test_latency_is_timed_at_the_batch_asked_for_and_the_pruned_graph_keeps_its_own(dit, monkeypatch):
+    from fxpress.passes.prune import calibrate, schedule, trilevel
     from fxpress.passes.prune.trilevel import TriLevelPrune
 
     model, inputs, graph, _ = dit
     graph.calibration = [Inputs((), kw) for kw in inputs]
+    batches = []
+    for module in (schedule, calibrate, trilevel):
+        timer = module.latencies_in_turns
+        monkeypatch.setattr(module, "latencies_in_turns",
+                            lambda models, example, turns, timer=timer: batches.append(example.batch_size)
+                            or timer(models, example, turns))
     config = PruneConfig(cost="latency", budget=0.8, scorer="magnitude", rounds=1, channel_group=128,
                          latency_repeats=2, latency_batch=8)
     result = TriLevelPrune(config, latency_repeats=2).run(graph)
+    assert len(batches) >= 3 and set(batches) == {8}  # the scheduler, its calibration and the report
     assert result.report["latency_batch"] == 8 and graph.example.batch_size == 2
     assert result.graph.example.batch_size == 2  # later passes see the model's own example inputs
     assert sum(p.numel() for p in result.graph.module.parameters()) < sum(p.numel() for p in model.parameters())

@@ -145,7 +145,7 @@ def greedy_prune(graph: Graph, config: PruneConfig, recover: Callable[[nn.Module
     Raises PassError when nothing more can go.
     """
     inputs = [c.kwargs for c in graph.calibration]
-    if config.latency_batch:
+    if config.latency_batch and "latency" in (config.cost, config.rank_by):
         graph = graph.recapture(graph.module, graph.example.with_batch(config.latency_batch))
     teacher = copy.deepcopy(graph.module).eval().requires_grad_(False)
     student = copy.deepcopy(graph.module).eval().requires_grad_(False)
