@@ -6,11 +6,15 @@ on 128 held-out images at 8 timesteps: of the output, of output plus block featu
 direction (conditional minus unconditional output) and of the unconditional output, next to the
 sample accuracy and Fréchet distance (300 samples).
 
+Latency is timed at batch 2 by default, the regime where tri-level lost to block removal on sample
+accuracy (`--latency-batch 64` for the ablation's default).
+
 Run: .venv/bin/python benchmarks/prune_kd_diagnostic.py   (about 7 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("FXPRESS_QUIET", "1")
@@ -31,6 +35,9 @@ from fxpress.testbed.training_data import noisy_inputs  # noqa: E402
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latency-batch", type=int, default=2, help="batch the latency is timed at")
+    args = parser.parse_args()
     entry = zoo.get("testbed-digits-dit")
     testbed, data = load_testbed(entry.testbed), entry.training_data()
     teacher = entry.build()
@@ -60,7 +67,8 @@ def main() -> None:
         graph = capture(teacher, (), example.kwargs)
         graph.calibration = [Inputs((), c.kwargs) for c in entry.calibration_inputs(4)]
         graph.training_data = data
-        config = PruneConfig("latency", 0.5, "kd", levels, 16, 4, latency_repeats=30)
+        config = PruneConfig("latency", 0.5, "kd", levels, 16, 4, latency_repeats=30,
+                             latency_batch=args.latency_batch)
         with torch.enable_grad():
             result = TriLevelPrune(config, trial_recovery_steps=trial).run(graph)
         model, removed = result.graph.module, result.report["removed"]

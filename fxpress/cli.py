@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -86,9 +87,10 @@ def _print_report(result, info, seconds: float) -> None:
                       "-" if p.rel_error is None else f"{p.rel_error:.4g}", json.dumps(details)[:90])
     console.print(table)
     summary = result.summary
+    bits = summary["weights_only_bits"]
+    quantized = "no weights quantized" if math.isnan(bits) else f"{bits:.4f} bits per quantized weight (log2 levels)"
     console.print(
-        f"[bold]{summary.get('model', '')}[/bold] → {info['path']}: {info['bytes'] / 1e6:,.2f} MB, "
-        f"{summary['weights_only_bits']:.4f} bits per quantized weight (log2 levels), "
+        f"[bold]{summary.get('model', '')}[/bold] → {info['path']}: {info['bytes'] / 1e6:,.2f} MB, {quantized}, "
         f"{info['artifact_bits_per_param']:.3f} artifact bits per parameter, "
         f"fp16 size {info['total_params'] * 2 / 1e6:,.1f} MB "
         f"({info['total_params'] * 2 / info['bytes']:.2f}x smaller); output rel. error "

@@ -288,7 +288,7 @@ def test_a_latency_budget_is_a_fraction_of_the_unpruned_models_measured_latency(
     result = greedy_prune(graph, config)
     assert result.goal == 0.7 and 0.0 < result.final_cost
     assert result.rounds and set(result.rounds[0].latency_factors) == {"block", "head", "channel"}
-    assert result.rounds[0].cost_before == pytest.approx(1.0, abs=0.5)  # the unpruned model against itself
+    assert result.rounds[0].cost_before == 1.0  # nothing removed yet: the whole latency, not a noisy timing
 
 
 def test_latency_is_timed_at_the_batch_asked_for_and_the_pruned_graph_keeps_its_own(dit, monkeypatch):

@@ -158,8 +158,9 @@ def greedy_prune(graph: Graph, config: PruneConfig, recover: Callable[[nn.Module
     for index in range(config.rounds * 3 + 1):  # a round may fall short; give it a few more tries
         current = graph.recapture(student)
         costs = build_cost_model(current, config.cost, config.latency_repeats)
-        if timed:
-            now, before = latencies_in_turns([student, teacher], graph.example, config.latency_repeats)
+        if timed:  # nothing removed yet is the whole latency by definition; after that, time the two in turns
+            now, before = latencies_in_turns([student, teacher], graph.example, config.latency_repeats) \
+                if result.rounds else (1.0, 1.0)
             total, scale = now / before, now / before / costs.total
         else:
             total, scale = costs.total, 1.0
