@@ -89,11 +89,13 @@ def _print_report(result, info, seconds: float) -> None:
     summary = result.summary
     bits = summary["weights_only_bits"]
     quantized = "no weights quantized" if math.isnan(bits) else f"{bits:.4f} bits per quantized weight (log2 levels)"
+    ratio = info["total_params"] * 2 / info["bytes"]
+    versus = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     console.print(
         f"[bold]{summary.get('model', '')}[/bold] → {info['path']}: {info['bytes'] / 1e6:,.2f} MB, {quantized}, "
         f"{info['artifact_bits_per_param']:.3f} artifact bits per parameter, "
         f"fp16 size {info['total_params'] * 2 / 1e6:,.1f} MB "
-        f"({info['total_params'] * 2 / info['bytes']:.2f}x smaller); output rel. error "
+        f"({versus}); output rel. error "
         f"{summary.get('output_rel_error', float('nan')):.4g}; {seconds:.1f} s")
 
 
