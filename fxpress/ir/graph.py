@@ -131,7 +131,7 @@ class Graph:
         """Return a new Graph of `module` (say, this model after a structural edit) exported on `example`
         (this Graph's example inputs by default); calibration, source, training data and extras carry
         over, annotations do not."""
-        example = example or self.example
+        example = self.example if example is None else example
         exported = torch.export.export(module, tuple(example.args), dict(example.kwargs), strict=False)
         new = Graph.from_export(module, exported, example, self.calibration, self.source)
         new.training_data, new.extras = self.training_data, copy.deepcopy(self.extras)

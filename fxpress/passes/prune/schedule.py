@@ -17,7 +17,7 @@ from torch import nn
 from fxpress.errors import PassError, RecipeError
 from fxpress.ir.blocks import block_units
 from fxpress.ir.dependency import dependency_groups
-from fxpress.ir.graph import Graph
+from fxpress.ir.graph import Graph, Inputs
 from fxpress.passes.prune.bypass import StreamArg, bypass_blocks, find_stream_args, validate_bypass
 from fxpress.passes.prune.calibrate import latency_factors
 from fxpress.passes.prune.candidates import LEVELS, Candidate, build_candidates
@@ -51,6 +51,10 @@ class PruneConfig:
     latency_repeats: int = 10
     rank_by: str = ""
     latency_batch: int = 0  # 0: the example inputs' own batch
+
+    def timing_inputs(self, example: Inputs) -> Inputs:
+        """Return the inputs latency is timed on: `example`, tiled to `latency_batch` rows when that is set."""
+        return example.with_batch(self.latency_batch) if self.latency_batch else example
 
     def __post_init__(self) -> None:
         if self.cost not in COST_KINDS or self.rank_by not in ("", *COST_KINDS):
@@ -146,7 +150,7 @@ def greedy_prune(graph: Graph, config: PruneConfig, recover: Callable[[nn.Module
     """
     inputs = [c.kwargs for c in graph.calibration]
     if config.latency_batch and "latency" in (config.cost, config.rank_by):
-        graph = graph.recapture(graph.module, graph.example.with_batch(config.latency_batch))
+        graph = graph.recapture(graph.module, config.timing_inputs(graph.example))
     teacher = copy.deepcopy(graph.module).eval().requires_grad_(False)
     student = copy.deepcopy(graph.module).eval().requires_grad_(False)
     target = DistillTarget(teacher, inputs, config.feature_weight) if config.scorer == "kd" else None

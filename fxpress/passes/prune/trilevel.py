@@ -57,7 +57,7 @@ class TriLevelPrune(Pass):
         losses = recover(result.model, teacher, graph.training_data, self.recovery_steps, batch=self.batch,
                          lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + 1000) \
             if self.recovery_steps else []
-        timed = graph.example.with_batch(self.config.latency_batch) if self.config.latency_batch else graph.example
+        timed = self.config.timing_inputs(graph.example)
         latency_before, latency_after = latencies_in_turns([graph.module, result.model], timed, self.latency_repeats)
         pruned = graph.recapture(result.model)
         pruned.extras["structure"] = result.structure()
