@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -73,10 +74,14 @@ class BitsFusionRecipe:
             raise RecipeError(f"grids must be among {GRIDS}, got {list(self.grids)}")
         if (self.target_bits is None) == (self.budget_bytes is None):
             raise RecipeError("give exactly one of target_bits and budget_bytes")
-        costs = [QuantSpec.from_key(k).cost_bits for k in self.options()]
-        if self.target_bits is not None and not min(costs) <= self.target_bits <= max(costs):
-            raise RecipeError(f"target of {self.target_bits} bits is impossible with widths {list(self.widths)}: "
-                              f"options cost {min(costs):.3f} to {max(costs):.3f} bits per weight")
+        costs = {k: QuantSpec.from_key(k).cost_bits for k in self.options()}
+        if self.target_bits is not None and not _is_number(self.target_bits):
+            raise RecipeError(f"target_bits must be a number of bits per weight, got {self.target_bits!r}")
+        if self.target_bits is not None and self.target_bits < min(costs.values()) - 1e-12:
+            narrowest = min(costs, key=costs.get)
+            raise RecipeError(f"a target of {self.target_bits} bits per weight is below the lowest possible, "
+                              f"{costs[narrowest]:.3f} ({narrowest}: every layer at the narrowest option of widths "
+                              f"{list(self.widths)} and grids {list(self.grids)})")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise RecipeError(f"budget_bytes must be positive, got {self.budget_bytes}")
         if not 0 <= self.eta <= 1:
@@ -184,6 +189,10 @@ Recipe = BitsFusionRecipe | UniformRecipe | TriLevelRecipe
 def _quantize(qat: QATConfig | None) -> Pass:
     """Round once (post-training), or train with fake quantization first."""
     return QuantizeWeights() if qat is None else QuantAwareTraining(qat)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _common_checks(recipe: Any) -> None:

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from fxpress.errors import FxpressError, PassError, PipelineOrderError
 from fxpress.ir.graph import Graph, Inputs, output_tensors
+from fxpress.output import stderr_console
 from fxpress.passes.base import Pass
 
 
@@ -57,7 +58,7 @@ class Pipeline:
                  max_rel_error: float | None = None):
         self.passes = list(passes)
         self.verify = verify
-        self.console = console or Console(stderr=True)
+        self.console = console or stderr_console()
         self.max_rel_error = max_rel_error
 
     def check_order(self, graph: Graph) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from fxpress.errors import FxpressError
+from fxpress.output import quiet as quiet_output
 from fxpress.training.checkpoint import load_checkpoint, save_checkpoint
 from fxpress.training.distributed import Distributed
 
@@ -39,7 +39,7 @@ def train_loop(loss_fn: Callable[[int], torch.Tensor], optimizer: torch.optim.Op
         start = int(load_checkpoint(checkpoint_dir, checkpoint_modules, optimizer)["step"])
     losses: list[float] = []
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    quiet = bool(os.environ.get("FXPRESS_QUIET")) or not ctx.is_main
+    quiet = quiet_output() or not ctx.is_main
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     began = time.perf_counter()

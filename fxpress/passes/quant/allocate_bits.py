@@ -1,9 +1,13 @@
 """`AllocateBits`: choose a grid per layer that minimises total sensitivity under a bit or byte budget.
 
 Cost of an option is log2(levels) bits per weight (a balanced 2-bit layer costs 2.32). The choice is
-an exact multiple-choice knapsack solved by dynamic programming over a cost grid; costs are rounded
-up on that grid, so the true average never exceeds the target. Each layer's score is its
-sensitivity divided by params**eta (BitsFusion's parameter-size factor).
+a multiple-choice knapsack solved by dynamic programming over a cost grid; costs are rounded up on
+that grid, so the true average never exceeds the target, and the bits that rounding (or the
+coarseness of the options) left unspent are then given to the upgrades that help most and still fit.
+A target is a budget: any target from the narrowest option's cost up is met at or below it, and the
+report says what was achieved. Each layer's score is its sensitivity divided by params**eta
+(BitsFusion's parameter-size factor); within one grid a wider width never scores worse than a
+narrower one (a measured inversion is noise between two near-zero errors).
 """
 
 from __future__ import annotations
@@ -42,40 +46,75 @@ def fixed_bytes(graph: Graph, quantized: list[str], storage_bytes: int = 2) -> i
 
 
 def solve_allocation(params: np.ndarray, costs: np.ndarray, scores: np.ndarray, budget_bits: float,
-                     resolution: float = 0.001) -> np.ndarray:
+                     resolution: float = 0.001, max_cells: int = 1 << 17) -> np.ndarray:
     """Return the option index per layer minimising sum(scores) with sum(params*costs) <= budget_bits.
 
-    `costs` and `scores` are (layers, options). `resolution` bounds the bits-per-weight given up to
-    rounding. Raises AllocationError when even the cheapest choice is over budget.
+    `costs` and `scores` are (layers, options). The dynamic programme runs over the budget above the
+    cheapest choice, on a grid of `resolution` bits per weight (coarser if that needs more than
+    `max_cells` cells); what the grid's rounding leaves unspent goes to `spend_slack`. Raises
+    AllocationError when even the cheapest choice is over budget.
     """
     n_layers, _ = costs.shape
     total = float(params.sum())
-    unit = resolution * total / n_layers
-    weights = np.ceil(params[:, None] * costs / unit - 1e-9).astype(np.int64)
-    capacity = int(math.floor(budget_bits / unit + 1e-9))
-    if weights.min(axis=1).sum() > capacity:
+    rows = np.arange(n_layers)
+    cheapest = np.argmin(np.where(np.isfinite(scores), costs, np.inf), axis=1)
+    floor_bits = float((params * costs[rows, cheapest]).sum())
+    if floor_bits > budget_bits * (1 + 1e-12):
         raise AllocationError(f"the budget of {budget_bits / total:.4f} bits per weight is below the "
-                              f"cheapest option ({(params * costs.min(axis=1)).sum() / total:.4f})")
+                              f"cheapest option ({floor_bits / total:.4f})")
+    extra_bits = params[:, None] * (costs - costs[rows, cheapest][:, None])
+    spare = budget_bits - floor_bits
+    unit = max(resolution * total / n_layers, spare / max_cells, 1e-12)
+    weights = np.ceil(extra_bits / unit - 1e-9).astype(np.int64)
+    capacity = int(math.floor(spare / unit + 1e-9))
     best = np.zeros(capacity + 1)
     choice = np.zeros((n_layers, capacity + 1), dtype=np.int16)
+    candidates = np.empty((costs.shape[1], capacity + 1))
     for layer in range(n_layers):
-        new = np.full(capacity + 1, np.inf)
+        candidates.fill(np.inf)  # candidates[o, c]: best score with option o for this layer and cost c
         for option in range(costs.shape[1]):
             w = weights[layer, option]
-            if w > capacity or not np.isfinite(scores[layer, option]):
-                continue
-            candidate = np.full(capacity + 1, np.inf)
-            candidate[w:] = best[: capacity + 1 - w] + scores[layer, option]
-            take = candidate < new
-            new[take] = candidate[take]
-            choice[layer, take] = option
-        best = new
+            if 0 <= w <= capacity and np.isfinite(scores[layer, option]):
+                np.add(best[: capacity + 1 - w], scores[layer, option], out=candidates[option, w:])
+        choice[layer] = np.argmin(candidates, axis=0)
+        best = candidates.min(axis=0)
     at = int(np.argmin(best))
     picks = np.zeros(n_layers, dtype=np.int64)
     for layer in range(n_layers - 1, -1, -1):
         picks[layer] = choice[layer, at]
         at -= weights[layer, picks[layer]]
-    return picks
+    return spend_slack(params, costs, scores, budget_bits, picks)
+
+
+def spend_slack(params: np.ndarray, costs: np.ndarray, scores: np.ndarray, budget_bits: float,
+                picks: np.ndarray) -> np.ndarray:
+    """Return `picks` upgraded greedily while an upgrade fits the budget and does not raise its layer's score.
+
+    Upgrades go best score reduction per extra bit first. Afterwards no single layer can move to a
+    costlier option of no higher score within the budget left (the allocation is maximal).
+    """
+    picks = picks.copy()
+    rows = np.arange(len(picks))
+    while True:
+        used = float((params * costs[rows, picks]).sum())
+        extra = params[:, None] * (costs - costs[rows, picks][:, None])
+        gain = scores[rows, picks][:, None] - scores
+        fits = (extra > 0) & (gain >= 0) & (used + extra <= budget_bits) & np.isfinite(scores)
+        if not fits.any():
+            return picks
+        value = np.where(fits, gain / np.where(extra > 0, extra, 1.0), -np.inf)
+        layer, option = np.unravel_index(int(np.argmax(value)), value.shape)
+        picks[layer] = option
+
+
+def monotone_within_grid(scores: np.ndarray, specs: list[QuantSpec]) -> np.ndarray:
+    """Return `scores` with each option's score capped by those of narrower widths of the same grid."""
+    out = scores.copy()
+    for grid in {s.grid for s in specs}:
+        order = sorted((s.bits, i) for i, s in enumerate(specs) if s.grid == grid)
+        for (_, narrower), (_, wider) in zip(order, order[1:]):
+            out[:, wider] = np.minimum(out[:, wider], out[:, narrower])
+    return out
 
 
 class AllocateBits(Pass):
@@ -91,12 +130,12 @@ class AllocateBits(Pass):
 
     def __init__(self, target_bits: float | None = None, budget_bytes: int | None = None,
                  options: tuple[str, ...] | None = None, eta: float = 0.0, mode: str = "local",
-                 scale_init: str = "als", tolerance: float = 0.01, cost_model: str = "entropy"):
+                 scale_init: str = "als", cost_model: str = "entropy"):
         if (target_bits is None) == (budget_bytes is None):
             raise ValueError("give exactly one of target_bits and budget_bytes")
         self.target_bits, self.budget_bytes = target_bits, budget_bytes
         self.options, self.eta, self.mode = options, eta, mode
-        self.scale_init, self.tolerance, self.cost_model = scale_init, tolerance, cost_model
+        self.scale_init, self.cost_model = scale_init, cost_model
 
     def run(self, graph: Graph) -> PassResult:
         paths = selected_layers(graph)
@@ -122,19 +161,24 @@ class AllocateBits(Pass):
         else:
             budget_costs = costs
         scores = np.array([[s.error.get(k, np.inf) for k in keys] for s in sens]) / params[:, None] ** self.eta
+        scores = monotone_within_grid(scores, specs)
         total = params.sum()
         if self.budget_bytes is not None:
             spare = self.budget_bytes - fixed_bytes(graph, paths)
             target = spare * 8 / total
         else:
             target = self.target_bits
+        lowest = float((params * budget_costs.min(axis=1)).sum() / total)
+        if target < lowest - 1e-12:
+            asked = (f"a budget of {self.budget_bytes:,} bytes leaves {target:.4f} bits per weight"
+                     if self.budget_bytes is not None else f"a target of {target:.4f} bits per weight")
+            raise AllocationError(f"{asked} for the {len(paths)} selected layers; the lowest possible with "
+                                  f"options {keys} is {lowest:.4f}")
         picks = solve_allocation(params, budget_costs, scores, target * total)
         achieved = float((params * budget_costs[np.arange(len(paths)), picks]).sum() / total)
-        if achieved > target + 1e-9 or achieved < target - self.tolerance:
-            best_possible = float((params * budget_costs.max(axis=1)).sum() / total)
-            raise AllocationError(f"achieved {achieved:.4f} bits per weight for a target of {target:.4f} "
-                                  f"(the widest options give {best_possible:.4f}); widen the options or "
-                                  "lower the target")
+        if achieved > target + 1e-9:
+            raise AllocationError(f"internal: allocation of {achieved:.6f} bits per weight exceeds the target "
+                                  f"{target:.6f}")
         for path, pick in zip(paths, picks):
             graph.annotation(path).quant = specs[pick]
         counts = {k: int((picks == i).sum()) for i, k in enumerate(keys)}
@@ -142,6 +186,7 @@ class AllocateBits(Pass):
         cost_model = "stored entropy" if stored else ("radix words" if self.budget_bytes else "log2(levels)")
         return PassResult(graph, False, {
             "target_bits": round(float(target), 4), "achieved_bits": round(achieved, 4),
+            "unspent_bits": round(float(target) - achieved, 4),
             "cost_model": cost_model, "log2_levels_bits": round(log2_bits, 4),
             "layers_per_option": counts, "eta": self.eta, "mode": self.mode,
             "quantized_weights": int(total)})
@@ -154,4 +199,5 @@ def weights_only_bits(graph: Graph) -> float:
     return sum(w * b for w, b in pairs) / n if n else math.nan
 
 
-__all__ = ["AllocateBits", "fixed_bytes", "solve_allocation", "weights_only_bits"]
+__all__ = ["AllocateBits", "fixed_bytes", "monotone_within_grid", "solve_allocation", "spend_slack",
+           "weights_only_bits"]

@@ -1,0 +1,74 @@
+"""What fxpress prints: one quiet switch, the stderr console, progress bars, and third-party noise kept out.
+
+`FXPRESS_QUIET=1` (the CLI's `--quiet` sets it) silences progress bars, training bars and the pipeline's
+per-pass log lines alike; errors and the final report still print. Importing diffusers with torchao
+installed (executorch brings it) logs torchao's optional-extension and deprecation messages that no
+fxpress user can act on; `quiet_third_party()` drops exactly those records at the loggers that emit
+them, leaving every other warning of those libraries (and all of Python's warnings) untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# (logger name, message prefix) of the records dropped; each comes from an import, none from fxpress's use.
+THIRD_PARTY_NOISE: tuple[tuple[str, str], ...] = (
+    ("torchao", "Failed to load "),  # prebuilt kernels for other Python/CUDA builds (mxfp8, cutlass)
+    ("torch.utils._pytree", "%s is an Enum subclass"),  # torchao registers Enums the deprecated way
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+)
+
+
+def quiet() -> bool:
+    """Return True when progress and log lines are switched off (FXPRESS_QUIET set and not '0')."""
+    return os.environ.get("FXPRESS_QUIET", "") not in ("", "0")
+
+
+def set_quiet(value: bool = True) -> None:
+    """Switch fxpress's progress bars and log lines off (or on) for this process and its children."""
+    os.environ["FXPRESS_QUIET"] = "1" if value else "0"
+
+
+def stderr_console() -> Console:
+    """Return a console on stderr that prints nothing while quiet() is True."""
+    return Console(stderr=True, quiet=quiet())
+
+
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Install, once, filters that drop the THIRD_PARTY_NOISE records at their own loggers."""
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, prefix in THIRD_PARTY_NOISE:
+        by_logger[name] = (*by_logger.get(name, ()), prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """Yield `advance(n=1, description=None)` driving a progress bar of `total` steps with an estimate."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=quiet()) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int = 1, description: str | None = None) -> None:
+            bar.update(task, advance=n, **({"description": description} if description else {}))
+
+        yield advance
