@@ -301,9 +301,8 @@ def unet_forward(allocation_path: Path) -> None:
         split16 = {"profiler failed": str(exc)[:80]}
     quantize_like_allocation(model, allocation)
     low = [m for m in model.modules() if isinstance(m, (LowBitLinear, LowBitConv2d))]
-    triton_backend.restore_reference("cuda")
     with torch.no_grad():
-        reference = model(**kwargs)[0].float()   # torch reference path on the GPU
+        reference = model(**kwargs)[0].float()   # torch reference path on the GPU (not lowered yet)
     triton_backend.lower(model, device="cuda")
     start = time.perf_counter()
     with torch.no_grad():
@@ -355,9 +354,6 @@ def main() -> None:
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (and TRITON_INTERPRET unset)")
     OUT = Path(args.out) if args.out else None
-    from fxpress.backends import triton as triton_backend
-
-    triton_backend.install("cuda")
     emit(f"\n# Low-bit kernels on {torch.cuda.get_device_name()} (torch {torch.__version__}, "
          f"triton {triton.__version__}): {args.sections}")
     for section in args.sections.split(","):

@@ -1,11 +1,19 @@
 """fxpress: a compiler-style compression toolkit for diffusion models."""
 
+from fxpress.output import quiet_third_party
+
+quiet_third_party()  # before anything imports diffusers (see fxpress.output)
+
+# ruff: noqa: E402
+
 from fxpress.api import CompressResult, compress, load, save
+from fxpress.backends.pipeline import load_pipeline
 from fxpress.errors import (
     AllocationError,
     ArtifactError,
     CaptureError,
     FxpressError,
+    ModelSourceError,
     PassError,
     PipelineOrderError,
     RecipeError,
@@ -21,6 +29,6 @@ from fxpress.training.diffusion_data import DiffusionData
 __all__ = [
     "AllocationError", "ArtifactError", "BitsFusionRecipe", "CaptureError", "CompressResult", "DiffusionData",
     "FxpressError", "Graph", "Inputs", "Pass", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
-    "QATConfig", "RecipeError",
-    "UniformRecipe", "capture", "compress", "load", "make_recipe", "save",
+    "ModelSourceError", "QATConfig", "RecipeError",
+    "UniformRecipe", "capture", "compress", "load", "load_pipeline", "make_recipe", "save",
 ]

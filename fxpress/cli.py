@@ -8,14 +8,15 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fxpress.cli_bench import add_bench_parser
 from fxpress.cli_export import add_export_parser
-from fxpress.errors import FxpressError
+from fxpress.errors import FxpressError, RecipeError
+from fxpress.output import quiet, set_quiet
 
 console = Console(width=max(Console().width, 150))
 
@@ -24,10 +25,11 @@ def _compress(args: argparse.Namespace) -> int:
 
     from fxpress.api import compress, save
     from fxpress.frontends import zoo
+    from fxpress.frontends.model_sources import resolve_model
+    from fxpress.ir.artifact import check_writable
     from fxpress.recipes import make_recipe
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FxpressError(f"{args.out} already exists; pass --overwrite to replace it")
+    check_writable(args.out, args.overwrite)  # refused before any work, not after it
     overrides = {"target_bits": args.target_bits, "eta": args.eta, "sensitivity": args.sensitivity}
     if args.budget_mb is not None:
         overrides.update(budget_bytes=int(args.budget_mb * 1e6), target_bits=None)
@@ -38,7 +40,7 @@ def _compress(args: argparse.Namespace) -> int:
     overrides.update(scorer=args.scorer, rank_by=args.rank_by, latency_batch=args.latency_batch,
                      recovery_steps=args.recovery, trial_recovery_steps=args.trial_recovery, quantize=args.then)
     recipe = make_recipe(args.recipe, **{k: v for k, v in overrides.items() if v is not None})
-    entry = zoo.get(args.model)
+    entry = resolve_model(args.model, args.component)
     training_data = getattr(entry, "training_data", None)
     if recipe.trains and training_data is None:
         raise FxpressError(f"{args.model} has no training data for QAT or KD recovery; use a testbed model "
@@ -46,12 +48,14 @@ def _compress(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = entry.build(seed=args.seed)
     example = entry.example_inputs(seed=args.seed)
-    console.log(f"built {args.model}: {sum(p.numel() for p in model.parameters()):,} params "
-                f"in {time.perf_counter() - start:.1f} s")
+    if not quiet():
+        console.log(f"built {args.model}: {sum(p.numel() for p in model.parameters()):,} params "
+                    f"in {time.perf_counter() - start:.1f} s")
     calibration = entry.calibration_inputs(getattr(recipe, "calibration", 1)) if training_data else None
     result = compress(model, example, recipe, verify=not args.no_verify, calibration_inputs=calibration,
                       training_data=training_data() if recipe.trains else None)
     result.summary["model"] = args.model
+    result.summary["origin"] = entry.origin
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, the main process writes the artifact
         return 0
     info = save(result, args.out, overwrite=args.overwrite)
@@ -64,7 +68,7 @@ def _qat_steps(text: str) -> dict:
     try:
         stage1, stage2 = (int(v) for v in text.split(","))
     except ValueError:
-        raise FxpressError(f"--qat takes two step counts 'STAGE1,STAGE2', got {text!r}") from None
+        raise RecipeError(f"--qat takes two step counts 'STAGE1,STAGE2', got {text!r}") from None
     return {"stage1_steps": stage1, "stage2_steps": stage2}
 
 
@@ -74,7 +78,7 @@ def _prune_budget(text: str) -> dict:
     try:
         return {"cost": cost.strip(), "budget": float(value)}
     except ValueError:
-        raise FxpressError(f"--budget takes COST=FRACTION such as latency=0.5, got {text!r}") from None
+        raise RecipeError(f"--budget takes COST=FRACTION such as latency=0.5, got {text!r}") from None
 
 
 def _print_report(result, info, seconds: float) -> None:
@@ -136,10 +140,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from fxpress.frontends import zoo
     from fxpress.frontends.capture import capture
+    from fxpress.frontends.model_sources import resolve_model
 
-    entry = zoo.get(args.model)
+    entry = resolve_model(args.model, args.component)
     example = entry.example_inputs()
     capture(entry.build(), example.args, example.kwargs).profile(console)
     return 0
@@ -158,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxpress", description="Compress diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compress", help="compress a zoo model into an artifact directory")
-    c.add_argument("model", help="zoo model name (see `fxpress zoo`)")
+    c.add_argument("model", help="zoo name (see `fxpress zoo`), model folder, pipeline folder (with --component) "
+                                 "or package.module:factory")
+    c.add_argument("--component", default=None,
+                   help="the pipeline folder's model to compress: unet, transformer, text_encoder, vae, ...")
     c.add_argument("--recipe", default="bitsfusion", help="bitsfusion, uniform, trilevel, or a recipe .toml file")
     c.add_argument("--target-bits", type=float, default=None, help="average log2(levels) per quantized weight")
     c.add_argument("--budget-mb", type=float, default=None, help="artifact byte budget instead of a bit target")
@@ -195,10 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub, console)
 
     p = sub.add_parser("profile", help="per-layer shapes, FLOPs and bytes of a zoo model")
-    p.add_argument("model")
+    p.add_argument("model", help="zoo name, model folder, pipeline folder (with --component) or package.module:factory")
+    p.add_argument("--component", default=None, help="the pipeline folder's model to profile")
     p.set_defaults(func=_profile)
     z = sub.add_parser("zoo", help="list the built-in models")
     z.set_defaults(func=_zoo)
+    for command in (parser, *sub.choices.values()):  # before or after the command: `fxpress --quiet compress ...`
+        default = False if command is parser else argparse.SUPPRESS
+        command.add_argument("--quiet", action="store_true", default=default,
+                             help="no progress bars or log lines (also FXPRESS_QUIET=1); errors and results print")
+        command.add_argument("--debug", action="store_true", default=default,
+                             help="show the full traceback of an error")
     return parser
 
 
@@ -207,12 +221,27 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        set_quiet()
+    errors = Console(stderr=True, soft_wrap=True)  # one line per error, however long
     try:
         with torch.no_grad():  # commands only infer; training passes turn gradients on themselves
             return args.func(args)
     except FxpressError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        if args.debug:
+            raise
+        errors.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         return 2
+    except KeyboardInterrupt:
+        errors.print("[red]interrupted[/red]: nothing was written")
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        errors.print(f"[red]unexpected error:[/red] {type(exc).__name__}: {escape(first)} (a bug in fxpress; run again "
+                     "with --debug for the traceback and report it)", highlight=False)
+        return 1
 
 
 if __name__ == "__main__":

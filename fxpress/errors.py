@@ -44,3 +44,16 @@ class LoweringError(FxpressError):
 
 class LoweringWarning(UserWarning):
     """A layer keeps the torch reference path after lowering; the message names the layer and why."""
+
+
+class ModelSourceError(FxpressError):
+    """A model to compress (zoo name, model folder, pipeline component or factory) cannot be resolved or loaded."""
+
+
+class ModelError(FxpressError):
+    """The model or its example inputs cannot be compressed as given (NaN/Inf or meta weights, inputs that do not
+    fit its forward); names the parameter, buffer or input."""
+
+
+class TrainingError(FxpressError):
+    """A training run (QAT, KD recovery) failed: its loss became NaN or Inf; names the run and the step."""

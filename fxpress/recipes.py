@@ -107,10 +107,15 @@ class BitsFusionRecipe:
 
 @dataclass(frozen=True)
 class UniformRecipe:
-    """Every selected layer at one width and grid (default: plain 2-bit, min-max scales, the usual baseline)."""
+    """Every selected layer at one width and grid (default: plain 2-bit, min-max scales, the usual baseline).
+
+    Give the width as `bits`, or as `target_bits` like the other quantizing recipes: the widest width
+    whose grid costs at most that many bits per weight (a balanced 2-bit grid costs 2.32).
+    """
 
     name: ClassVar[str] = "uniform"
-    bits: int = 2
+    bits: int | None = None  # None: from target_bits, else 2
+    target_bits: float | None = None
     grid: str = "plain"
     scale_init: str = "minmax"
     keep: tuple[str, ...] = ("first", "last", "time_embedding")
@@ -125,18 +130,40 @@ class UniformRecipe:
         """True when the recipe needs training data (quantization-aware training)."""
         return self.qat is not None
 
+    @property
+    def width(self) -> int:
+        """The width every selected layer gets: `bits`, else the widest within `target_bits`, else 2."""
+        if self.bits is not None:
+            return self.bits
+        if self.target_bits is None:
+            return 2
+        fitting = [b for b in range(1, 9) if QuantSpec(b, self.grid).cost_bits <= self.target_bits + 1e-12]
+        return max(fitting) if fitting else 0
+
     def validate(self) -> UniformRecipe:
         """Return self, or raise RecipeError naming the first invalid field."""
         _common_checks(self)
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+        if self.bits is not None and (not isinstance(self.bits, int) or isinstance(self.bits, bool)
+                                      or not 1 <= self.bits <= 8):
             raise RecipeError(f"bits must be an integer in 1..8, got {self.bits!r}")
         if self.grid not in GRIDS:
             raise RecipeError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.target_bits is not None:
+            if not _is_number(self.target_bits):
+                raise RecipeError(f"target_bits must be a number of bits per weight, got {self.target_bits!r}")
+            lowest = QuantSpec(1, self.grid).cost_bits
+            if self.width == 0:
+                raise RecipeError(f"a target of {self.target_bits} bits per weight is below the lowest possible "
+                                  f"with the {self.grid} grid, {lowest:.3f}")
+            if self.bits is not None and QuantSpec(self.bits, self.grid).cost_bits > self.target_bits + 1e-12:
+                raise RecipeError(f"bits={self.bits} ({self.grid}) costs "
+                                  f"{QuantSpec(self.bits, self.grid).cost_bits:.3f} bits per weight, over "
+                                  f"target_bits={self.target_bits}; give one of the two")
         return self
 
     def passes(self) -> list[Pass]:
         """Return the pass list this recipe stands for."""
-        spec = QuantSpec(self.bits, self.grid, scale_init=self.scale_init)
+        spec = QuantSpec(self.width, self.grid, scale_init=self.scale_init)
         return [*([CacheTimeEmbedding()] if self.cache_time_embedding else []), SelectLayers(list(self.keep)),
                 AssignUniform(spec), _quantize(self.qat), RoundToStorage(self.storage_dtype)]
 
@@ -154,8 +181,9 @@ class TriLevelRecipe:
     trial_recovery_steps: int = 0  # KD recovery of each round's candidate plans before they are compared
     calibration: int = 4
     quantize: str | None = None
+    target_bits: float | None = None  # the quantize recipe's target (its default when None)
     codec: str = "rans"
-    keep: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()  # module-path globs that pruning never removes or narrows
     version: int = RECIPE_VERSION
 
     @property
@@ -173,13 +201,27 @@ class TriLevelRecipe:
             raise RecipeError("recovery steps must be >= 0 and calibration >= 1")
         if self.quantize is not None and self.quantize not in ("bitsfusion", "uniform"):
             raise RecipeError(f"quantize must be 'bitsfusion', 'uniform' or absent, got {self.quantize!r}")
+        if self.target_bits is not None and self.quantize is None:
+            raise RecipeError("target_bits needs a quantization stage: set quantize = 'bitsfusion' or 'uniform' "
+                              "(CLI: --then bitsfusion)")
+        if self.quantize is not None:
+            self.quantize_recipe()  # its target is checked now, before pruning starts
+        if any(not isinstance(k, str) or not k for k in self.keep):
+            raise RecipeError(f"keep entries must be non-empty strings, got {list(self.keep)}")
         return self
+
+    def quantize_recipe(self) -> BitsFusionRecipe | UniformRecipe:
+        """Return the validated quantization recipe run after pruning (raises RecipeError if none is set)."""
+        if self.quantize is None:
+            raise RecipeError("this trilevel recipe has no quantization stage")
+        settings = {} if self.target_bits is None else {"target_bits": self.target_bits}
+        return replace(RECIPES[self.quantize](), codec=self.codec, **settings).validate()
 
     def passes(self) -> list[Pass]:
         """Return the pass list this recipe stands for: prune, then (optionally) quantize."""
         prune = TriLevelPrune(self.prune, self.recovery_steps, self.round_recovery_steps,
                               trial_recovery_steps=self.trial_recovery_steps)
-        return [prune, *(RECIPES[self.quantize]().passes() if self.quantize else [])]
+        return [prune, *(self.quantize_recipe().passes() if self.quantize else [])]
 
 
 RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe, "trilevel": TriLevelRecipe}
@@ -210,14 +252,50 @@ def _common_checks(recipe: Any) -> None:
         raise RecipeError(f"keep entries must be non-empty strings, got {list(recipe.keep)}")
 
 
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false",
+               "tuple[int, ...]": "a list of integers", "tuple[str, ...]": "a list of strings"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind.startswith("tuple["):
+        item = kind[len("tuple["):].split(",")[0]
+        return isinstance(value, tuple) and all(_fits(v, item) for v in value)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {"str": str, "bool": bool}.get(kind, object))
+
+
+def _checked_types(config: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Return `data` with whole floats given for int fields made ints; raise RecipeError naming the first field
+    whose value has another type than the field declares (a string for a number, one name for a list, ...)."""
+    out = dict(data)
+    for f in fields(config):
+        if f.name not in data:
+            continue
+        value, kind = data[f.name], str(f.type).replace(" | None", "")
+        if value is None and "None" in str(f.type):
+            continue
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            value = out[f.name] = int(value)
+        if kind in _TYPE_WORDS and not _fits(value, kind):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise RecipeError(f"recipe field {prefix}{f.name} must be {_TYPE_WORDS[kind]}, got {shown!r}")
+    return out
+
+
 def _fold_prune(base: TriLevelRecipe, data: dict[str, Any]) -> dict[str, Any]:
     """Flat pruning keys (cost = "flops", budget = 0.5, ...) and a [prune] table become one PruneConfig."""
     names = {f.name for f in fields(PruneConfig)}
     flat = {k: data.pop(k) for k in list(data) if k in names}
     table = data.pop("prune", None)
+    if table is not None and not isinstance(table, (dict, PruneConfig)):
+        raise RecipeError(f"prune must be a table of pruning settings, got {table!r}")
     table = vars(table) if isinstance(table, PruneConfig) else dict(table or {})
     if flat or table:
         merged = {k: tuple(v) if isinstance(v, list) else v for k, v in {**vars(base.prune), **table, **flat}.items()}
+        merged = _checked_types(PruneConfig, merged, "prune.")
         try:
             data["prune"] = PruneConfig(**merged)
         except TypeError as exc:
@@ -259,7 +337,7 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"unknown recipe field(s) {unknown} for {base.name!r}; known: {sorted(known)}")
-    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    data = _checked_types(type(base), {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     if "qat" in data:
         data["qat"] = QATConfig.of(data["qat"])
     if data.get("budget_bytes") is not None and "target_bits" not in data:

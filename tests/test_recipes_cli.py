@@ -10,8 +10,8 @@ from fxpress.errors import RecipeError
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"target_bits": 0.5}, "impossible"),
-    ({"target_bits": 12.0}, "impossible"),
+    ({"target_bits": 0.5}, "below the lowest possible, 1.585"),
+    ({"target_bits": 1.58}, "below the lowest possible, 1.585"),
     ({"widths": (2, 9)}, "1..8"),
     ({"widths": (0,)}, "1..8"),
     ({"grids": ("ternary",)}, "grids"),
@@ -50,7 +50,8 @@ def test_unknown_layer_name_fails_before_work(tiny_unet):
 def test_cli_bad_target_writes_nothing(tmp_path, capsys):
     out = tmp_path / "art"
     assert main(["compress", "tiny-unet", "--target-bits", "0.3", "--out", str(out)]) == 2
-    assert "impossible" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "below the lowest possible, 1.585" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -67,3 +68,53 @@ def test_cli_compress_and_inspect(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "down_blocks.0.resnets.0.conv1" in text and "stored bits per quantized weight" in text
     assert main(["compress", "tiny-unet", "--recipe", "uniform", "--out", str(out)]) == 2
+
+
+def test_target_bits_for_every_quantizing_recipe():
+    """One name for one idea: `target_bits` sets the width of uniform and of trilevel's quantization stage."""
+    assert fxpress.make_recipe("uniform", target_bits=4).width == 4
+    assert fxpress.make_recipe("uniform", target_bits=3.9).width == 3
+    assert fxpress.make_recipe("uniform", target_bits=2.5, grid="balanced").width == 2   # b2 costs 2.32
+    assert fxpress.make_recipe("uniform", bits=3).width == 3 and fxpress.make_recipe("uniform").width == 2
+    assert fxpress.make_recipe("uniform", bits=4, target_bits=4).width == 4
+    with pytest.raises(RecipeError, match="over target_bits=3"):
+        fxpress.make_recipe("uniform", bits=4, target_bits=3)
+    with pytest.raises(RecipeError, match="below the lowest possible"):
+        fxpress.make_recipe("uniform", target_bits=0.9)
+    trilevel = fxpress.make_recipe("trilevel", quantize="uniform", target_bits=4, budget=0.6, cost="flops")
+    assert trilevel.quantize_recipe().width == 4
+    bits = fxpress.make_recipe("trilevel", quantize="bitsfusion", target_bits=2.5, cost="flops")
+    assert [p.target_bits for p in bits.passes() if type(p).__name__ == "AllocateBits"] == [2.5]
+    with pytest.raises(RecipeError, match="needs a quantization stage"):
+        fxpress.make_recipe("trilevel", target_bits=4)
+    with pytest.raises(RecipeError, match="lowest possible"):
+        fxpress.make_recipe("trilevel", quantize="bitsfusion", target_bits=1.0)
+
+
+def test_uniform_target_bits_compresses_at_that_width(tiny_unet):
+    model, example = tiny_unet
+    result = fxpress.compress(model, example, "uniform", target_bits=4, verify=False)
+    assert result.summary["weights_only_bits"] == 4.0
+
+
+def test_quiet_silences_log_lines_and_bars_but_not_the_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FXPRESS_QUIET", "0")
+    out = tmp_path / "art"
+    assert main(["compress", "tiny-unet", "--recipe", "uniform", "--out", str(out), "--no-verify"]) == 0
+    loud = capsys.readouterr()
+    assert "AssignUniform" in loud.err  # the pipeline's per-pass log lines
+    assert main(["compress", "tiny-unet", "--recipe", "uniform", "--out", str(out), "--no-verify",
+                 "--overwrite", "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "bits per quantized weight" in quiet.out
+
+
+def test_cli_errors_are_one_line_unless_debug(tmp_path, capsys):
+    args = ["compress", "tiny-unet", "--target-bits", "1.0", "--out", str(tmp_path / "a")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: RecipeError:") and "Traceback" not in err[0]
+    with pytest.raises(RecipeError):
+        main([*args, "--debug"])
+    with pytest.raises(RecipeError):
+        main(["--debug", *args])

@@ -10,7 +10,6 @@ from torch import nn
 
 import fxpress
 from fxpress.errors import LoweringError, LoweringWarning
-from fxpress.kernels import ops
 from fxpress.kernels.kernel_config import KernelConfig, interpreting
 from fxpress.kernels.lowbit_layers import LowBitLinear
 
@@ -22,32 +21,53 @@ needs_kernels = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_availa
                                    reason="Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU")
 
 
-@pytest.fixture
-def restore():
-    yield
-    triton_backend.restore_reference(DEVICE)
-
-
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _counting_dispatcher(monkeypatch):
+    """Count calls of the Triton dispatcher (the triton ops look it up at each call)."""
+    from fxpress.kernels import triton_dispatch
+
+    calls = {"linear": 0, "conv2d": 0}
+    for name in calls:
+        real = getattr(triton_dispatch, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(triton_dispatch, name, counted)
+    return calls
+
+
 @needs_kernels
-def test_lowered_tiny_artifact_matches_torch_backend(tiny_artifact, tiny_unet, restore, monkeypatch):
-    """Acceptance: the 1.99-bit tiny-unet artifact gives the torch backend's output within 1e-3."""
+def test_lowered_tiny_artifact_matches_torch_backend(tiny_artifact, tiny_unet, monkeypatch):
+    """Acceptance: the 1.99-bit tiny-unet artifact gives the torch backend's output within 1e-3, and lowering
+    one model changes the kernels of that model only: a reference model in the same process keeps the torch ops."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 on the GPU too
+    calls = _counting_dispatcher(monkeypatch)
     _, example = tiny_unet
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in example.kwargs.items()}
     with torch.no_grad():
-        reference = fxpress.load(tiny_artifact)(**example.kwargs)[0]
+        reference_model = fxpress.load(tiny_artifact).to(DEVICE)
         lowered = triton_backend.lower(tiny_artifact, device=DEVICE)
-        assert ops.implementation("linear", DEVICE) is not ops.linear_reference
-        kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in example.kwargs.items()}
+        assert {m.kernels for m in lowered.modules() if hasattr(m, "packed")} == {"triton"}
+        assert {m.kernels for m in reference_model.modules() if hasattr(m, "packed")} == {"reference"}
+        reference = reference_model(**kwargs)[0]
+        assert calls == {"linear": 0, "conv2d": 0}   # lowering the other model changed nothing here
         out = lowered(**kwargs)[0]
-    assert _rel(out.cpu(), reference) < 1e-3
+        assert calls["linear"] > 0 and calls["conv2d"] > 0
+        ran = dict(calls)
+        assert torch.equal(reference_model(**kwargs)[0], reference) and calls == ran
+    assert _rel(out.cpu(), reference.cpu()) < 1e-3
+    triton_backend.unlower(lowered)
+    with torch.no_grad():
+        assert torch.equal(lowered(**kwargs)[0], reference) and calls == ran
 
 
 @needs_kernels
-def test_unsupported_layer_warns_by_name_and_keeps_reference(restore):
+def test_unsupported_layer_warns_by_name_and_keeps_reference():
     gen = torch.Generator().manual_seed(0)
     model = nn.Sequential(LowBitLinear(torch.randint(-1, 2, (6, 10), generator=gen), torch.rand(6), None, -1, 3),
                           LowBitLinear(torch.randint(-2, 2, (4, 6), generator=gen), torch.rand(4), None, -2, 4))
@@ -58,6 +78,7 @@ def test_unsupported_layer_warns_by_name_and_keeps_reference(restore):
     with pytest.warns(LoweringWarning, match="layer '1' keeps the torch reference path"):
         triton_backend.lower(model, device=DEVICE)
     assert model[0].fallback is None and model[1].fallback
+    assert model[0].kernels == "triton" and model[1].kernels == "reference"
     with torch.no_grad():
         assert torch.allclose(model(x.to(DEVICE)).cpu(), expected, atol=1e-5)
 

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fxpress.backends.targets import as_module, first_tensor
 from fxpress.errors import LoweringError
 from fxpress.ir.graph import Inputs
+from fxpress.kernels.ops import kernels_for, registered_kernels
 from fxpress.kernels.packing import unpack_words
 
 DOMAIN = "fxpress"
@@ -83,8 +84,11 @@ def _placeholder_ops():
         return conv(x, packed, scale, bias, width=width, offset=offset, weight_shape=weight_shape, strides=stride,
                     pads=padding, dilations=dilation, group=groups)
 
-    return {torch.ops.fxpress.lowbit_linear.default: translate_linear,
-            torch.ops.fxpress.lowbit_conv2d.default: translate_conv}
+    table = {}
+    for name in registered_kernels():  # a lowered model's kernels compute what the reference ops compute
+        linear_op, conv_op = kernels_for(name)
+        table.update({linear_op.default: translate_linear, conv_op.default: translate_conv})
+    return table
 
 
 def _quantized_initializer(name: str, codes: np.ndarray, int2: bool):
@@ -226,6 +230,36 @@ def _module_path(node) -> str:
     return node.name
 
 
+def _failed_node(exc: BaseException) -> fx.Node | None:
+    """The FX node torch.onnx was translating when `exc` (or an exception it chains to) was raised."""
+    seen = 0
+    while exc is not None and seen < 16:
+        tb = exc.__traceback__
+        while tb is not None:
+            node = tb.tb_frame.f_locals.get("node")
+            if isinstance(node, fx.Node):
+                return node
+            tb = tb.tb_next
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _export_failure(exc: BaseException) -> str:
+    """Return one line saying what torch.onnx could not convert: the op, its node and module path where known."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
+    node = _failed_node(exc)
+    if op is None and node is None:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        return f"{type(exc).__name__}: {first[:300]}"
+    what = f"ONNX has no translation for op {op.group(1)}.{op.group(2)}" if op else "the conversion failed"
+    if node is not None:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = next((p for p, _ in reversed(list(stack.values())) if p), "<root>")
+        what += f" at node {node.name!r} in module {path!r}"
+    return what + "; rewrite that op, or keep the module out of the exported model"
+
+
 def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any = None,
                 int2: bool = True) -> OnnxReport:
     """Export a compressed model (artifact directory, Graph, CompressResult or module) to an ONNX file.
@@ -246,8 +280,7 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
         program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
                                     custom_translation_table=_placeholder_ops(), verbose=False)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; all mean "cannot export"
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-        raise LoweringError(f"torch.onnx could not export {type(module).__name__}: {message[:1500]}") from exc
+        raise LoweringError(f"torch.onnx could not export {type(module).__name__}: {_export_failure(exc)}") from exc
     finally:
         module.train(was_training)
     proto = program.model_proto

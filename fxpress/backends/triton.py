@@ -1,9 +1,11 @@
 """Lower a compressed model onto the Triton low-bit kernels with one call: `lower(artifact_or_graph)`.
 
-The model keeps its `fxpress::lowbit_linear` / `fxpress::lowbit_conv2d` ops; lowering moves it to the
-device and swaps those ops' implementation on that device type for the Triton dispatcher (fused
-kernel or dequantize + cuBLAS/cuDNN, tuned per shape). On the CPU this needs TRITON_INTERPRET=1
-(set before fxpress is imported), which is how the tests check the kernels without a GPU.
+Lowering moves the model to the device and sets each low-bit layer's `kernels` to "triton": that
+layer then calls `fxpress::lowbit_linear_triton` / `fxpress::lowbit_conv2d_triton` (the Triton
+dispatcher: fused kernel or dequantize + cuBLAS/cuDNN, tuned per shape). The choice belongs to the
+lowered model's layers alone; any other model in the process keeps running what it ran. On the CPU
+this needs TRITON_INTERPRET=1 (set before fxpress is imported), which is how the tests check the
+kernels without a GPU.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ MAX_WIDTH = 16
 
 def _kernels():
     try:
-        from fxpress.kernels import triton_dispatch, triton_matmul
+        from fxpress.kernels import triton_matmul, triton_ops
     except ImportError as exc:
         raise LoweringError(f"the Triton backend needs the `triton` package, which does not import here: {exc}") \
             from exc
-    return triton_dispatch, triton_matmul
+    return triton_ops, triton_matmul
 
 
 def _check_device(device: torch.device) -> None:
@@ -74,7 +76,8 @@ def lower(target: Any, device: str | torch.device = "cuda", dtype: torch.dtype |
     `target` is an artifact directory (loaded first; `model=` as in fxpress.load), a Graph, a
     CompressResult or a module; modules are lowered in place, like `.to()`. `dtype` casts the
     floating-point weights and so the activations (e.g. torch.float16). Layers the kernels do not
-    cover keep the torch reference, each with a LoweringWarning that names it.
+    cover keep the torch reference, each with a LoweringWarning that names it. Only this model's
+    layers change kernels; `unlower(module)` sets them back to the reference.
     """
     dev = torch.device(device)
     _check_device(dev)
@@ -83,27 +86,20 @@ def lower(target: Any, device: str | torch.device = "cuda", dtype: torch.dtype |
     if not layers:
         raise LoweringError(f"{type(module).__name__} holds no low-bit layers to lower; compress it first")
     reasons = {path: unsupported_reason(m) for path, m in layers}
+    triton_ops, _ = _kernels()
     module.to(device=dev, dtype=dtype)
-    install(dev)
     for path, layer in layers:
         layer.fallback = reasons[path]
+        layer.kernels = ops.REFERENCE if reasons[path] else triton_ops.NAME
         if reasons[path]:
             warnings.warn(f"layer {path!r} keeps the torch reference path: {reasons[path]}", LoweringWarning,
                           stacklevel=2)
     return module
 
 
-def install(device: str | torch.device = "cuda") -> None:
-    """Make the low-bit ops on `device`'s type run the Triton dispatcher (what lower() does for a model)."""
-    dev = torch.device(device)
-    _check_device(dev)
-    triton_dispatch, _ = _kernels()
-    ops.set_implementation("linear", dev.type, triton_dispatch.linear)
-    ops.set_implementation("conv2d", dev.type, triton_dispatch.conv2d)
-
-
-def restore_reference(device: str | torch.device = "cpu") -> None:
-    """Make the low-bit ops on `device`'s type run the torch reference again (undoes lower's swap)."""
-    device_type = torch.device(device).type
-    ops.set_implementation("linear", device_type, None)
-    ops.set_implementation("conv2d", device_type, None)
+def unlower(module: nn.Module) -> nn.Module:
+    """Return `module` with every low-bit layer back on the torch reference ops (on the device it is on)."""
+    for layer in module.modules():
+        if isinstance(layer, (LowBitLinear, LowBitConv2d)):
+            layer.kernels, layer.fallback = ops.REFERENCE, None
+    return module

@@ -12,8 +12,9 @@ from fxpress.kernels.packing import field_width, pack_words
 class _LowBitBase(nn.Module):
     """Shared state: packed codes, scales, optional bias, and the grid they came from.
 
-    `scale` is per output channel (N,) or group-wise (N, G). `fallback`, when set by a backend, is
-    the reason this layer runs the torch reference instead of the device's kernel.
+    `scale` is per output channel (N,) or group-wise (N, G). `kernels` names the ops this layer runs
+    (ops.registered_kernels(); "reference" until a backend lowers it); `fallback`, when set by a
+    backend, is the reason this layer runs the plain torch reference instead of that backend's kernels.
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -22,6 +23,7 @@ class _LowBitBase(nn.Module):
         self.levels, self.offset = int(levels), int(-qmin)
         self.width = field_width(self.levels)
         self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.kernels: str = ops.REFERENCE
         self.fallback: str | None = None
         self.register_buffer("packed", pack_words((codes + self.offset).reshape(codes.shape[0], -1), self.width))
         self.register_buffer("scale", scale.clone())
@@ -60,7 +62,7 @@ class LowBitLinear(_LowBitBase):
         self.out_features, self.in_features = self.weight_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = ops.linear_reference if self.fallback else torch.ops.fxpress.lowbit_linear
+        op = ops.linear_reference if self.fallback else ops.kernels_for(self.kernels)[0]
         return op(x, self.packed, self.scale, self.bias, self.width, self.offset, self.in_features)
 
     def _empty_dense(self) -> nn.Linear:
@@ -83,7 +85,7 @@ class LowBitConv2d(_LowBitBase):
         self.kernel_size = tuple(self.weight_shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = ops.conv2d_reference if self.fallback else torch.ops.fxpress.lowbit_conv2d
+        op = ops.conv2d_reference if self.fallback else ops.kernels_for(self.kernels)[1]
         return op(x, self.packed, self.scale, self.bias, self.width, self.offset, list(self.weight_shape),
                   self.stride, self.padding, self.dilation, self.groups)
 

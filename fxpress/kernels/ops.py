@@ -2,9 +2,11 @@
 
 Weights arrive as K-major int32 words of `width`-bit codes (see packing.pack_words) plus scales:
 per output channel, shape (N,), or group-wise, shape (N, G) with groups of ceil(K / G) inputs.
-Each op looks up an implementation by device type (`set_implementation`); the default is the torch
-reference, which dequantizes and calls the dense op. A backend (Triton) swaps in its own kernels,
-so a model holding these ops runs unchanged everywhere and still exports as the same two ops.
+These two ops always run the torch reference (dequantize, then the dense op); they are what
+exporters translate. Which kernels a layer runs is a property of that layer (`kernels`, a name
+registered here with `register_kernels`), never of the process: a backend such as Triton registers
+its own pair of ops with the same signature and lowering sets the name on the layers it lowers, so a
+lowered model and an unlowered one in the same process run different kernels.
 """
 
 from __future__ import annotations
@@ -16,11 +18,8 @@ import torch.nn.functional as F
 
 from fxpress.kernels.packing import unpack_words
 
-__all__ = ["conv2d_reference", "dequantize", "implementation", "linear_reference", "lowbit_conv2d",
-           "lowbit_linear", "set_implementation", "unpack_words"]
-
-_IMPLEMENTATIONS: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
-
+__all__ = ["REFERENCE", "conv2d_reference", "dequantize", "kernels_for", "linear_reference", "lowbit_conv2d",
+           "lowbit_linear", "register_kernels", "registered_kernels", "unpack_words"]
 
 def group_size(cols: int, scale: torch.Tensor) -> int:
     """Return how many consecutive inputs share one scale: all of them for per-channel scales."""
@@ -49,34 +48,44 @@ def conv2d_reference(x, packed, scale, bias, width, offset, weight_shape, stride
     return F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
 
 
-_REFERENCES = {"linear": linear_reference, "conv2d": conv2d_reference}
+REFERENCE = "reference"
+_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {}
 
 
-def set_implementation(op: str, device_type: str, fn: Callable[..., torch.Tensor] | None) -> None:
-    """Run `fn` for op 'linear' or 'conv2d' on tensors of `device_type`; None restores the reference."""
-    if op not in _REFERENCES:
-        raise ValueError(f"op must be one of {sorted(_REFERENCES)}, got {op!r}")
-    if fn is None:
-        _IMPLEMENTATIONS.pop((op, device_type), None)
-    else:
-        _IMPLEMENTATIONS[(op, device_type)] = fn
+def register_kernels(name: str, linear: Callable[..., torch.Tensor], conv2d: Callable[..., torch.Tensor]) -> None:
+    """Make `name` a choice for a low-bit layer's `kernels`: `linear`/`conv2d` take the reference ops' arguments."""
+    if name == REFERENCE:
+        raise ValueError(f"{REFERENCE!r} names the torch reference ops and cannot be replaced")
+    _KERNELS[name] = (linear, conv2d)
 
 
-def implementation(op: str, device_type: str) -> Callable[..., torch.Tensor]:
-    """Return the function that runs `op` on `device_type` now."""
-    return _IMPLEMENTATIONS.get((op, device_type), _REFERENCES[op])
+def kernels_for(name: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """Return the (linear, conv2d) ops registered as `name`; raises KeyError naming the registered ones."""
+    if name == REFERENCE:
+        return torch.ops.fxpress.lowbit_linear, torch.ops.fxpress.lowbit_conv2d
+    if name not in _KERNELS:
+        raise KeyError(f"no low-bit kernels named {name!r}; registered: {[REFERENCE, *_KERNELS]}")
+    return _KERNELS[name]
+
+
+def registered_kernels() -> list[str]:
+    """Return the names a low-bit layer's `kernels` may take."""
+    return [REFERENCE, *_KERNELS]
 
 
 @torch.library.custom_op("fxpress::lowbit_linear", mutates_args=())
 def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                   width: int, offset: int, in_features: int) -> torch.Tensor:
     """y = x @ dequant(W).T + bias, with W stored as packed codes."""
-    return implementation("linear", x.device.type)(x, packed, scale, bias, width, offset, in_features)
+    return linear_reference(x, packed, scale, bias, width, offset, in_features)
 
 
-@lowbit_linear.register_fake
-def _lowbit_linear_fake(x, packed, scale, bias, width, offset, in_features):
+def linear_fake(x, packed, scale, bias, width, offset, in_features):
+    """The output of a low-bit linear op as an empty tensor (shape and dtype only, for tracing)."""
     return x.new_empty((*x.shape[:-1], packed.shape[1]))
+
+
+lowbit_linear.register_fake(linear_fake)
 
 
 @torch.library.custom_op("fxpress::lowbit_conv2d", mutates_args=())
@@ -84,14 +93,16 @@ def lowbit_conv2d(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
                   width: int, offset: int, weight_shape: list[int], stride: list[int], padding: list[int],
                   dilation: list[int], groups: int) -> torch.Tensor:
     """conv2d(x, dequant(W)) + bias, with W stored as packed codes of its (out, in*kh*kw) matrix."""
-    fn = implementation("conv2d", x.device.type)
-    return fn(x, packed, scale, bias, width, offset, weight_shape, stride, padding, dilation, groups)
+    return conv2d_reference(x, packed, scale, bias, width, offset, weight_shape, stride, padding, dilation, groups)
 
 
-@lowbit_conv2d.register_fake
-def _lowbit_conv2d_fake(x, packed, scale, bias, width, offset, weight_shape, stride, padding, dilation, groups):
+def conv2d_fake(x, packed, scale, bias, width, offset, weight_shape, stride, padding, dilation, groups):
+    """The output of a low-bit conv2d op as an empty tensor (shape and dtype only, for tracing)."""
     h, w = x.shape[-2:]
     kh, kw = weight_shape[2], weight_shape[3]
     out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return x.new_empty((*x.shape[:-3], weight_shape[0], out_h, out_w))
+
+
+lowbit_conv2d.register_fake(conv2d_fake)
