@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Both create .venv on first use.
+# pip -qq: errors only (this machine's pip config and setuptools' editable-install notice are not for users).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,9 +12,9 @@ DEMO_QAT ?= 400,200
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,mobile]'
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq $(TORCH)
+	$(BIN)/python -m pip install -qq -e '.[dev,mobile]'
 	touch $(STAMP)
 
 setup: $(STAMP)

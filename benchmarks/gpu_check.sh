@@ -21,7 +21,7 @@ FXPRESS_TUNE=0 timeout "${KTEST_S:-120}" python3 -m pytest -q --maxfail=5 -n 8 -
 for section in unet linear conv; do
     stage "benchmark: $section"
     limit_var="$(echo "$section" | tr a-z A-Z)_S"
-    timeout "${!limit_var:-200}" python3 benchmarks/kernels.py --sections "$section" --out "$OUT/kernels.md" \
+    timeout "${!limit_var:-200}" python3 benchmarks/lowbit_kernels.py --sections "$section" --out "$OUT/kernels.md" \
         --timings "$OUT/timings_$section.json" 2>&1 | tail -40
 done
 stage "done"

@@ -7,7 +7,7 @@ and the SD-1.5 UNet (64x64 latents, batch 2) in fp16 against the 1.99-bit alloca
 
 Kernel times are GPU times per call, replayed from a CUDA graph (so Python launch overhead is not
 counted) that cycles through copies of the weights larger together than the L2 cache (so weights come
-from DRAM, as in a real forward). Run: python benchmarks/kernels.py [--sections linear,conv,unet] [--quick]
+from DRAM, as in a real forward). Run: python benchmarks/lowbit_kernels.py [--sections linear,conv,unet] [--quick]
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ def main() -> None:
                                                     "sd15_allocation_1.99bit.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU (and TRITON_INTERPRET unset)")
+        sys.exit("benchmarks/lowbit_kernels.py needs a CUDA GPU (and TRITON_INTERPRET unset)")
     OUT = Path(args.out) if args.out else None
     emit(f"\n# Low-bit kernels on {torch.cuda.get_device_name()} (torch {torch.__version__}, "
          f"triton {triton.__version__}): {args.sections}")
