@@ -13,10 +13,13 @@ from fxpress.errors import (
     ArtifactError,
     CaptureError,
     FxpressError,
+    LoweringError,
+    ModelError,
     ModelSourceError,
     PassError,
     PipelineOrderError,
     RecipeError,
+    TrainingError,
 )
 from fxpress.frontends.capture import capture
 from fxpress.ir.graph import Graph, Inputs
@@ -28,7 +31,7 @@ from fxpress.training.diffusion_data import DiffusionData
 
 __all__ = [
     "AllocationError", "ArtifactError", "BitsFusionRecipe", "CaptureError", "CompressResult", "DiffusionData",
-    "FxpressError", "Graph", "Inputs", "Pass", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
-    "ModelSourceError", "QATConfig", "RecipeError",
+    "FxpressError", "Graph", "Inputs", "LoweringError", "ModelError", "Pass", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
+    "ModelSourceError", "QATConfig", "RecipeError", "TrainingError",
     "UniformRecipe", "capture", "compress", "load", "load_pipeline", "make_recipe", "save",
 ]

@@ -15,6 +15,7 @@ from fxpress.backends.torch_save import artifact_contents
 from fxpress.errors import RecipeError
 from fxpress.frontends.calibration import spread_timesteps
 from fxpress.frontends.capture import capture
+from fxpress.frontends.check_model import check_model
 from fxpress.ir.artifact import artifact_bytes, write_artifact
 from fxpress.ir.graph import Graph, Inputs
 from fxpress.passes.module_edit import timestep_input
@@ -53,6 +54,7 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     on `training_data` (a DiffusionData), in one process or under torchrun.
     """
     recipe = make_recipe(recipe, **overrides)
+    model = check_model(model, example_inputs)  # ModelError for bad weights or inputs; an eval copy if training
     example = Inputs.of(example_inputs)
     if recipe.trains and training_data is None:
         raise RecipeError(f"the {recipe.name} recipe trains (QAT or KD recovery) but no training_data was given")

@@ -93,6 +93,9 @@ def _print_report(result, info, seconds: float) -> None:
     summary = result.summary
     bits = summary["weights_only_bits"]
     quantized = "no weights quantized" if math.isnan(bits) else f"{bits:.4f} bits per quantized weight (log2 levels)"
+    target = getattr(result.recipe, "target_bits", None)
+    if target is not None and not math.isnan(bits):
+        quantized += f" for a target of {target:g}"
     ratio = info["total_params"] * 2 / info["bytes"]
     versus = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
     console.print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -119,21 +120,77 @@ def test_untrusted_class_is_not_imported(tiny_artifact, tmp_path):
 
 def test_existing_directory_is_not_overwritten(tiny_compressed, tiny_artifact):
     before = (tiny_artifact / MANIFEST).read_bytes()
-    with pytest.raises(ArtifactError, match="already exists"):
+    with pytest.raises(ArtifactError, match="already exists and is not empty"):
         fxpress.save(tiny_compressed, tiny_artifact)
     assert (tiny_artifact / MANIFEST).read_bytes() == before
 
 
-def test_failed_save_leaves_nothing(tiny_compressed, tmp_path, monkeypatch):
+def test_save_into_an_existing_empty_folder(tiny_compressed, tiny_unet):
+    """What users write, as with save_pretrained: a TemporaryDirectory exists and is empty."""
+    with tempfile.TemporaryDirectory() as d:
+        fxpress.save(tiny_compressed, d)
+        assert (Path(d) / MANIFEST).is_file()
+        _, example = tiny_unet
+        assert fxpress.load(d)(**example.kwargs)[0].shape == example.kwargs["sample"].shape
+        assert [p.name for p in Path(d).parent.iterdir() if p.name.startswith(f".{Path(d).name}.")] == []
+
+
+def test_a_non_artifact_folder_is_never_replaced(tiny_compressed, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ArtifactError, match="not empty"):
+            fxpress.save(tiny_compressed, tmp_path, overwrite=overwrite)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(ArtifactError, match="not a directory"):
+        fxpress.save(tiny_compressed, tmp_path / "notes.txt")
+
+
+def _failing(exc: BaseException, after_bytes: int = 1000):
+    """A safetensors writer that writes part of the file, then fails (full disk, interrupt)."""
+    def write(tensors, path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * after_bytes)
+        raise exc
+    return write
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "interrupt"])
+@pytest.mark.parametrize("where", ["new", "empty", "overwrite"])
+def test_failed_save_leaves_nothing(tiny_compressed, tiny_artifact, tmp_path, monkeypatch, exc, where):
     import fxpress.ir.artifact as artifact
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    target = tmp_path / "out"
+    if where == "empty":
+        target.mkdir()
+    elif where == "overwrite":
+        shutil.copytree(tiny_artifact, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()} if target.exists() else None
+    monkeypatch.setattr(artifact, "save_file", _failing(exc))
+    expected = ArtifactError if isinstance(exc, OSError) else KeyboardInterrupt
+    with pytest.raises(expected, match="No space left" if expected is ArtifactError else None):
+        fxpress.save(tiny_compressed, target, overwrite=where == "overwrite")
+    assert [p.name for p in tmp_path.iterdir()] == ([] if where == "new" else ["out"])
+    if before is not None:
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
-    monkeypatch.setattr(artifact, "save_file", broken)
-    with pytest.raises(OSError):
-        fxpress.save(tiny_compressed, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+
+def test_failed_swap_restores_the_old_artifact(tiny_compressed, tiny_artifact, tmp_path, monkeypatch):
+    """An interrupt between moving the old artifact aside and moving the new one in puts the old one back."""
+    target = tmp_path / "out"
+    shutil.copytree(tiny_artifact, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real_rename = Path.rename
+
+    def rename(self, new):
+        if Path(new) == target.resolve() and self.name.startswith(".out.") and not self.name.endswith(".old"):
+            raise KeyboardInterrupt
+        return real_rename(self, new)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        fxpress.save(tiny_compressed, target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
 def test_plain_module_round_trip(tmp_path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxpress.errors import ArtifactError
+from fxpress.backends.load_checks import (
+    check_layer_fits,
+    check_lowbit_tensors,
+    check_module_dtypes,
+    check_tensor_fits,
+    restored_on_failure,
+)
+from fxpress.errors import ArtifactError, ModelError
 from fxpress.ir.artifact import read_artifact
 from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels import entropy
@@ -24,13 +33,17 @@ from fxpress.kernels.timestep_table import TimestepTable, install_feeder
 TRUSTED_LIBRARIES = ("diffusers.", "transformers.")
 
 
-def _import(path: str) -> Any:
+def _import(path: str, base: str) -> type:
+    """Return the class `module:qualname` of a trusted library; it must be a subclass of `base` (module:name)."""
     module_name, _, qualname = path.partition(":")
-    if not module_name.startswith(TRUSTED_LIBRARIES):
+    if not module_name.startswith(TRUSTED_LIBRARIES) or any(p.startswith("_") for p in qualname.split(".")):
         raise ArtifactError(f"refusing to import {path!r} named by an artifact; pass model= to fxpress.load")
-    obj = importlib.import_module(module_name)
+    obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
+    base_module, _, base_name = base.partition(":")
+    if not isinstance(obj, type) or not issubclass(obj, getattr(importlib.import_module(base_module), base_name)):
+        raise ArtifactError(f"refusing {path!r} named by an artifact: it is not a {base_name} class")
     return obj
 
 
@@ -38,13 +51,13 @@ def build_skeleton(source: dict[str, Any]) -> nn.Module:
     """Return the model class of `source` built from its config on the meta device (no weights)."""
     library = source.get("library")
     try:
-        cls = _import(source["class"])
         with torch.device("meta"):
             if library == "diffusers":
-                return cls.from_config(source["config"])
+                return _import(source["class"], "diffusers:ModelMixin").from_config(source["config"] or {})
             if library == "transformers":
-                config = _import(source["config_class"]).from_dict(source["config"])
-                return cls(config)
+                config = _import(source["config_class"], "transformers:PretrainedConfig").from_dict(
+                    source["config"] or {})
+                return _import(source["class"], "transformers:PreTrainedModel")(config)
     except ArtifactError:
         raise
     except Exception as exc:
@@ -54,6 +67,7 @@ def build_skeleton(source: dict[str, Any]) -> nn.Module:
 
 
 def _lowbit(path: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    check_lowbit_tensors(path, entry, tensors)
     prefix = f"lowbit::{path}::"
     data = tensors[prefix + "codes"].numpy()
     shape = entry["weight_shape"]
@@ -78,16 +92,21 @@ def _lowbit(path: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) 
                         tuple(entry["padding"]), tuple(entry["dilation"]), entry["groups"])
 
 
-def _set(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _set(model: nn.Module, name: str, tensor: torch.Tensor, recorded: str | None, pruned: bool) -> None:
+    """Put artifact tensor `name` (stored dtype; `recorded`: the model's dtype) in place of the model's own."""
     owner_path, _, leaf = name.rpartition(".")
     try:
         owner = model.get_submodule(owner_path) if owner_path else model
     except AttributeError as exc:
         raise ArtifactError(f"artifact tensor {name!r} has no place in the rebuilt model") from exc
     if leaf in owner._parameters:
+        dtype = check_tensor_fits(name, tensor, recorded, owner._parameters[leaf], pruned)
+        tensor = tensor.to(dtype)
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
-    elif leaf in owner._buffers or isinstance(owner, TimestepTable):
-        owner._buffers[leaf] = tensor
+    elif leaf in owner._buffers:
+        table = isinstance(owner, TimestepTable)  # a placeholder, sized by the artifact
+        owner._buffers[leaf] = tensor.to(check_tensor_fits(name, tensor, recorded, None if table else
+                                                           owner._buffers[leaf], pruned))
     else:
         raise ArtifactError(f"artifact tensor {name!r} is neither a parameter nor a buffer of the model")
 
@@ -124,42 +143,84 @@ def _apply_attributes(model: nn.Module, structure: dict[str, Any]) -> None:
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
 
 
+def _model_to_fill(model: nn.Module | Callable[[], nn.Module] | None, manifest: dict[str, Any]) -> nn.Module:
+    if model is None:
+        return build_skeleton(manifest.get("source") or {})
+    skeleton = model() if callable(model) and not isinstance(model, nn.Module) else model
+    if not isinstance(skeleton, nn.Module):
+        raise ModelError(f"model= must be an nn.Module or a factory returning one, got {type(skeleton).__name__}")
+    return skeleton
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as exc:
+        raise ArtifactError(f"layer {path!r} of the artifact does not exist in the rebuilt model") from exc
+
+
+def _check_timestep_input(model: nn.Module, name: str) -> None:
+    params = inspect.signature(model.forward).parameters.values()
+    if name not in [p.name for p in params] and not any(p.kind == p.VAR_KEYWORD for p in params):
+        raise ArtifactError(f"the artifact caches the time embedding by argument {name!r}, which "
+                            f"{type(model).__name__}.forward does not take")
+
+
+def _fill(skeleton: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> float:
+    """Put the artifact's layers and tensors into `skeleton`; return the seconds spent decoding weight codes."""
+    structure = manifest.get("structure") or {}
+    pruned = bool(structure)
+    _apply_bypasses(skeleton, structure)
+    dtypes = manifest.get("dtypes") or {}
+    lowbit = manifest.get("lowbit_layers") or {}
+    stray = sorted({n.split("::")[1] for n in tensors if n.startswith("lowbit::")} - set(lowbit))
+    if stray or any(n.startswith("lowbit::") and n.count("::") != 2 for n in tensors):
+        raise ArtifactError(f"the artifact holds weight codes of layers its manifest does not list: {stray[:5]}")
+    decode_start = time.perf_counter()
+    for path, entry in lowbit.items():
+        check_layer_fits(path, entry, _submodule(skeleton, path), pruned)
+        if f"{path}.bias" in tensors:
+            bias_dtype = check_tensor_fits(f"{path}.bias", tensors[f"{path}.bias"], dtypes.get(f"{path}.bias"),
+                                           None, pruned)
+            entry = {**entry, "bias_dtype": str(bias_dtype).removeprefix("torch.")}
+        _replace(skeleton, path, _lowbit(path, entry, tensors))
+    decode_seconds = time.perf_counter() - decode_start
+    time_cache = manifest.get("time_cache")
+    if time_cache:
+        _check_timestep_input(skeleton, time_cache["timestep_input"])
+    for path in (time_cache or {}).get("modules", []):
+        _replace(skeleton, path, TimestepTable(torch.zeros(1), torch.zeros(1)))
+    placed = set()
+    for name, tensor in tensors.items():
+        if not name.startswith("lowbit::"):
+            _set(skeleton, name, tensor, dtypes.get(name), pruned)
+            placed.add(name)
+    lowbit_types = (LowBitLinear, LowBitConv2d)
+    left = [n for n, _ in [*skeleton.named_parameters(remove_duplicate=False),
+                           *skeleton.named_buffers(remove_duplicate=False)]
+            if n not in placed and not isinstance(_submodule(skeleton, n.rpartition(".")[0]), lowbit_types)]
+    if left:
+        raise ArtifactError(f"artifact lacks tensors for {left[:5]} ({len(left)} in all)")
+    check_module_dtypes(skeleton, skip=lowbit_types)
+    _apply_attributes(skeleton, structure)
+    if time_cache:
+        install_feeder(skeleton, time_cache["timestep_input"])
+    return decode_seconds
+
+
 def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
     """Return the runnable compressed model stored in `directory` (eval mode, on the CPU).
 
     diffusers and transformers models come back as their own class rebuilt from the stored config;
-    other models need `model` (an instance or a factory) to receive the weights. Raises ArtifactError
-    on a missing, corrupt, truncated or tampered artifact.
+    other models need `model` (an instance or a factory) to receive the weights; an instance is filled
+    in place, and left as it was if loading fails. Raises ArtifactError on a missing, corrupt, truncated
+    or tampered artifact, or one that does not fit `model`; ModelError if `model` is not a module.
     """
     start = time.perf_counter()
     manifest, tensors = read_artifact(directory)
-    if model is None:
-        skeleton = build_skeleton(manifest.get("source") or {})
-    else:
-        skeleton = model() if callable(model) and not isinstance(model, nn.Module) else model
-    structure = manifest.get("structure") or {}
-    _apply_bypasses(skeleton, structure)
-    dtypes = manifest.get("dtypes", {})
-    decode_start = time.perf_counter()
-    for path, entry in manifest.get("lowbit_layers", {}).items():
-        if f"{path}.bias" in tensors:
-            entry = {**entry, "bias_dtype": dtypes.get(f"{path}.bias", "float32")}
-        _replace(skeleton, path, _lowbit(path, entry, tensors))
-    decode_seconds = time.perf_counter() - decode_start
-    time_cache = manifest.get("time_cache")
-    for path in (time_cache or {}).get("modules", []):
-        _replace(skeleton, path, TimestepTable(torch.zeros(1), torch.zeros(1)))
-    for name, tensor in tensors.items():
-        if name.startswith("lowbit::"):
-            continue
-        dtype = getattr(torch, dtypes.get(name, str(tensor.dtype).removeprefix("torch.")))
-        _set(skeleton, name, tensor.to(dtype))
-    left = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
-    if left:
-        raise ArtifactError(f"artifact lacks tensors for {left[:5]} ({len(left)} in all)")
-    _apply_attributes(skeleton, structure)
-    if time_cache:
-        install_feeder(skeleton, time_cache["timestep_input"])
+    skeleton = _model_to_fill(model, manifest)
+    with restored_on_failure(skeleton) if isinstance(model, nn.Module) else nullcontext():
+        decode_seconds = _fill(skeleton, manifest, tensors)
     skeleton.eval()
     skeleton.fxpress_load_seconds = {"total": time.perf_counter() - start, "decode": decode_seconds}
     return skeleton

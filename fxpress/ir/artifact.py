@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fxpress.errors import ArtifactError
+from fxpress.ir.manifest_schema import check_manifest
 
 FORMAT = "fxpress-artifact"
 FORMAT_VERSION = 2
@@ -46,17 +47,39 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_writable(directory: str | Path, overwrite: bool = False) -> bool:
+    """Return whether `directory` holds an artifact to replace; raise ArtifactError where writing would lose data."""
+    target = Path(directory).resolve()
+    if not target.exists():
+        return False
+    if not target.is_dir():
+        raise ArtifactError(f"{target} exists and is not a directory; choose another path for the artifact")
+    if not any(target.iterdir()):
+        return False  # an empty folder (e.g. a TemporaryDirectory) is written into
+    if not overwrite:
+        raise ArtifactError(f"{target} already exists and is not empty; pass overwrite=True (or --overwrite) "
+                            "to replace it")
+    if not (target / MANIFEST).is_file():
+        raise ArtifactError(f"{target} is not empty and is not an fxpress artifact (no {MANIFEST}); refusing to "
+                            "replace it even with overwrite")
+    return True
+
+
 def write_artifact(directory: str | Path, payload: dict[str, Any], tensors: dict[str, torch.Tensor],
                    extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> Path:
     """Write an artifact directory atomically (a temporary sibling renamed into place) and return it.
 
-    Raises ArtifactError if `directory` exists and `overwrite` is False.
+    An existing empty directory is written into. Raises ArtifactError if `directory` is a non-empty
+    directory (unless `overwrite` and it is an fxpress artifact) or a file, or if writing fails (full
+    disk, permissions); on any failure, interrupts included, nothing new is left and what was there stays.
     """
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise ArtifactError(f"{target} already exists; pass overwrite=True (or --overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    target = Path(directory).resolve()
+    replace_old = check_writable(target, overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise ArtifactError(f"cannot write an artifact at {target}: {exc}") from exc
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / TENSORS))
@@ -71,48 +94,72 @@ def write_artifact(directory: str | Path, payload: dict[str, Any], tensors: dict
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        _move_into_place(tmp, target, replace_old)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"cannot write the artifact {target}: {exc}; nothing was written") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
+def _move_into_place(tmp: Path, target: Path, replace_old: bool) -> None:
+    """Rename `tmp` to `target` (an empty directory is replaced); an old artifact is swapped out and back on failure."""
+    if not replace_old:
+        tmp.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _member(directory: str | Path, name: str) -> Path:
+    """Return the path of file `name` of an artifact; raises ArtifactError if it lies outside the folder (a link)."""
+    root = Path(directory).resolve()
+    path = root / name
+    if path.is_symlink() and not path.resolve().is_relative_to(root):
+        raise ArtifactError(f"{path} points outside its artifact folder (to {path.resolve()}); refusing to read it")
+    return path
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """Return the parsed manifest; raises ArtifactError if missing, unreadable or of another format."""
-    path = Path(directory) / MANIFEST
+    """Return the parsed manifest with every field checked (manifest_schema); raises ArtifactError if it is
+    missing, unreadable, of another format or version, or has a field no fxpress writer produces."""
+    path = _member(directory, MANIFEST)
     if not path.is_file():
         raise ArtifactError(f"{directory} is not an fxpress artifact: {MANIFEST} is missing")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is corrupt: {exc}") from exc
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5,000-digit int
+        raise ArtifactError(f"{path} is corrupt: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not an fxpress manifest")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise ArtifactError(f"{path} has format version {manifest.get('format_version')}; this fxpress "
+        raise ArtifactError(f"{path} is not an fxpress manifest (no \"format\": \"{FORMAT}\")")
+    version = manifest.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path} has format version {json.dumps(version)[:40]}; this fxpress "
                             f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    check_manifest(manifest, path)
     return manifest
 
 
 def read_artifact(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Return (manifest, tensors) after checking the tensors file (size and sha256; per tensor in version 1)."""
     manifest = read_manifest(directory)
-    path = Path(directory) / TENSORS
+    path = _member(directory, TENSORS)
     if not path.is_file():
         raise ArtifactError(f"{directory}: {TENSORS} is missing")
     if manifest["format_version"] >= 2:
-        _check_tensors_file(path, manifest.get("tensors_file"))
+        _check_tensors_file(path, manifest["tensors_file"])
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise ArtifactError(f"{path} is truncated or corrupt: {exc}") from exc
     if manifest["format_version"] == 1:
         _check_tensors_v1(path, manifest.get("tensors", {}), tensors)

@@ -32,9 +32,27 @@ class PipelineReport:
 
     passes: list[PassReport] = field(default_factory=list)
 
-    def to_json(self) -> list[dict[str, Any]]:
-        """Return a JSON-ready list of per-pass dicts."""
-        return [vars(p) for p in self.passes]
+    def to_json(self, timings: bool = False) -> list[dict[str, Any]]:
+        """Return a JSON-ready list of per-pass dicts; wall-clock figures only with `timings`.
+
+        Times differ from run to run, so what is saved in an artifact leaves them out (see `is_wall_time`):
+        the same model, recipe and seed then give a byte-identical artifact.
+        """
+        report = [vars(p) for p in self.passes]
+        return report if timings else _without_wall_times(report)
+
+
+def is_wall_time(key: str) -> bool:
+    """True for a report key that holds a measured time: 'seconds', '*_s', '*_seconds', 'measured_*'."""
+    return key == "seconds" or key.endswith(("_s", "_seconds")) or key.startswith("measured_")
+
+
+def _without_wall_times(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_wall_times(v) for k, v in value.items() if not is_wall_time(str(k))}
+    if isinstance(value, list):
+        return [_without_wall_times(v) for v in value]
+    return value
 
 
 def relative_error(reference: Any, candidate: Any) -> float:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from fxpress.errors import FxpressError
+from fxpress.errors import TrainingError
 from fxpress.output import quiet as quiet_output
 from fxpress.training.checkpoint import load_checkpoint, save_checkpoint
 from fxpress.training.distributed import Distributed
@@ -32,7 +32,7 @@ def train_loop(loss_fn: Callable[[int], torch.Tensor], optimizer: torch.optim.Op
 
     `after_step(step)` runs after each update (e.g. an EMA). With `checkpoint_dir`, the main rank
     writes a checkpoint every `checkpoint_every` steps and at the end; `resume` continues from it.
-    Raises FxpressError when the loss stops being finite.
+    Raises TrainingError when the loss stops being finite.
     """
     start = 0
     if resume and checkpoint_dir is not None and Path(checkpoint_dir).exists():
@@ -48,15 +48,15 @@ def train_loop(loss_fn: Callable[[int], torch.Tensor], optimizer: torch.optim.Op
         for step in range(start, steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(step)
+            value = ctx.mean(float(loss.detach()))
+            if not math.isfinite(value):  # before the update: a NaN step must not reach the weights
+                raise TrainingError(f"{description}: loss became {value} at step {step}")
             loss.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             if after_step is not None:
                 after_step(step)
-            value = ctx.mean(float(loss.detach()))
-            if not math.isfinite(value):
-                raise FxpressError(f"{description}: loss became {value} at step {step}")
             losses.append(value)
             bar.update(task, advance=1, loss=f"loss {value:.4f}")
             done = step + 1

@@ -141,8 +141,8 @@ class QuantAwareTraining(Pass):
                 with torch.no_grad():
                     out_t = data.predict(teacher, noisy, t, cond)
                 loss = F.mse_loss(out_s, out_t)
-            if taps is not None:
-                feats = [F.mse_loss(taps[0].values[k], taps[1].values[k]) for k in taps[1].values]
+            feats = [F.mse_loss(taps[0].values[k], taps[1].values[k]) for k in taps[1].values] if taps else []
+            if feats:  # a model without UNet/DiT blocks has no features to distill
                 loss = loss + cfg.feature_distill * torch.stack(feats).mean()
             return loss
 

@@ -77,6 +77,8 @@ class SelectLayers(Pass):
             if ann.keep_reason:
                 reasons[path] = ann.keep_reason
         selected = [p for p in graph.layers if not graph.annotation(p).keep_reason]
+        if not selected:
+            raise RecipeError(f"no layer can be quantized: {_why_none(graph, reasons)}")
         return PassResult(graph, False, {"selected": len(selected), "kept": reasons,
                                          "selected_params": sum(graph.layers[p].weight_params for p in selected)})
 
@@ -84,3 +86,16 @@ class SelectLayers(Pass):
 def selected_layers(graph: Graph) -> list[str]:
     """Return the layers chosen for quantization, in execution order."""
     return [p for p in graph.layers if not graph.annotation(p).keep_reason]
+
+
+def _why_none(graph: Graph, reasons: dict[str, str]) -> str:
+    """Say why SelectLayers chose nothing: every layer kept (by which reason), or no supported layer at all."""
+    if reasons:
+        listed = "; ".join(f"{path}: {why}" for path, why in list(reasons.items())[:5])
+        return (f"each of the model's {len(reasons)} linear/conv layers is kept or unsupported ({listed}); "
+                "fxpress quantizes nn.Linear and zero-padded nn.Conv2d layers that keep does not name")
+    weighted = [f"{name or '<root>'} ({type(m).__name__})" for name, m in graph.module.named_modules()
+                if any(True for _ in m.parameters(recurse=False))]
+    found = ", ".join(weighted[:5]) if weighted else "none"
+    return (f"{type(graph.module).__name__} has no nn.Linear or nn.Conv2d layer fxpress can quantize "
+            f"(modules with weights: {found})")
