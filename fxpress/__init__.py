@@ -31,7 +31,7 @@ from fxpress.training.diffusion_data import DiffusionData
 
 __all__ = [
     "AllocationError", "ArtifactError", "BitsFusionRecipe", "CaptureError", "CompressResult", "DiffusionData",
-    "FxpressError", "Graph", "Inputs", "LoweringError", "ModelError", "Pass", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
-    "ModelSourceError", "QATConfig", "RecipeError", "TrainingError",
-    "UniformRecipe", "capture", "compress", "load", "load_pipeline", "make_recipe", "save",
+    "FxpressError", "Graph", "Inputs", "LoweringError", "ModelError", "ModelSourceError", "Pass", "PassError",
+    "PassResult", "Pipeline", "PipelineOrderError", "QATConfig", "RecipeError", "TrainingError", "UniformRecipe",
+    "capture", "compress", "load", "load_pipeline", "make_recipe", "save",
 ]
