@@ -219,7 +219,8 @@ class TriLevelRecipe:
 
     def passes(self) -> list[Pass]:
         """Return the pass list this recipe stands for: prune, then (optionally) quantize."""
-        prune = TriLevelPrune(self.prune, self.recovery_steps, self.round_recovery_steps,
+        config = replace(self.prune, keep=tuple(self.keep))
+        prune = TriLevelPrune(config, self.recovery_steps, self.round_recovery_steps,
                               trial_recovery_steps=self.trial_recovery_steps)
         return [prune, *(self.quantize_recipe().passes() if self.quantize else [])]
 
@@ -287,7 +288,7 @@ def _checked_types(config: type, data: dict[str, Any], prefix: str = "") -> dict
 
 def _fold_prune(base: TriLevelRecipe, data: dict[str, Any]) -> dict[str, Any]:
     """Flat pruning keys (cost = "flops", budget = 0.5, ...) and a [prune] table become one PruneConfig."""
-    names = {f.name for f in fields(PruneConfig)}
+    names = {f.name for f in fields(PruneConfig)} - {"keep"}  # keep stays the recipe's (it also protects layers)
     flat = {k: data.pop(k) for k in list(data) if k in names}
     table = data.pop("prune", None)
     if table is not None and not isinstance(table, (dict, PruneConfig)):
@@ -311,13 +312,13 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
     overrides = {k: v for k, v in overrides.items() if v is not None or k == "target_bits"}
     if overrides.get("target_bits", 0) is None and "budget_bytes" not in overrides:
         overrides.pop("target_bits")
-    if isinstance(spec, (BitsFusionRecipe, UniformRecipe, TriLevelRecipe)):
+    if isinstance(spec, tuple(RECIPES.values())):  # any registered recipe, user-defined ones too
         base, data = spec, {}
     else:
         if isinstance(spec, Path) or (isinstance(spec, str) and spec.endswith(".toml")):
             try:
-                data = tomllib.loads(Path(spec).read_text())
-            except (OSError, tomllib.TOMLDecodeError) as exc:
+                data = tomllib.loads(Path(spec).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
                 raise RecipeError(f"cannot read recipe {spec}: {exc}") from exc
         elif isinstance(spec, dict):
             data = dict(spec)

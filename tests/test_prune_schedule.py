@@ -345,3 +345,26 @@ def test_masking_a_block_scores_like_removing_it(dit):
     score = kd_scores(model, block, target, streams)[block[0].name]
     assert score > 0 and score == pytest.approx(target.loss(pruned), rel=1e-5)
 
+
+
+def test_keep_protects_layers_from_pruning(dit):
+    """A layer `keep` names is neither removed with its block nor narrowed by a head or channel cut."""
+    from fxpress.recipes import make_recipe
+
+    model, inputs, graph, _ = dit
+    graph.calibration = [Inputs((), kw) for kw in inputs]
+    keep = ("transformer_blocks.0.*", "transformer_blocks.1.ff.*")
+    recipe = make_recipe("trilevel", cost="params", budget=0.6, scorer="magnitude", rounds=1, channel_group=128,
+                         keep=keep)
+    config = recipe.passes()[0].config
+    assert config.keep == keep and recipe.keep == keep
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    unprotected = greedy_prune(graph, PruneConfig(cost="params", budget=0.6, scorer="magnitude", rounds=1,
+                                                  channel_group=128))
+    protected = greedy_prune(graph, config)
+    def changed(result):
+        now = {n: p.shape for n, p in result.model.named_parameters()}
+        return {n for n in shapes if now.get(n) != shapes[n]} | {f"{b}.*" for b in result.bypassed}
+    touched = lambda names: {n for n in names if n.startswith(("transformer_blocks.0.", "transformer_blocks.1.ff."))}  # noqa: E731
+    assert touched(changed(unprotected))  # without keep, pruning does reach these layers: the test can fail
+    assert not touched(changed(protected)) and protected.met

@@ -51,14 +51,28 @@ def unit_magnitude(tensors: dict[str, torch.Tensor], unit: Unit, scales: dict[st
     return total / max(count, 1)
 
 
+def touches(family: Family, layers: tuple[str, ...]) -> bool:
+    """Return whether removing units of `family` would change a tensor of one of the layers (module paths)."""
+    owners = {name.rpartition(".")[0] for unit in family.units for name, _ in unit.slices}
+    return any(owner == layer or owner.startswith(layer + ".") for owner in owners for layer in layers)
+
+
 def build_candidates(model: nn.Module, groups: DependencyGroups, blocks: list[str], *,
-                     levels: tuple[str, ...] = LEVELS, channel_group: int = 16) -> list[Candidate]:
-    """Return the candidates of the requested levels; channel units are grouped by magnitude order."""
+                     levels: tuple[str, ...] = LEVELS, channel_group: int = 16,
+                     protected: tuple[str, ...] = ()) -> list[Candidate]:
+    """Return the candidates of the requested levels; channel units are grouped by magnitude order.
+
+    Nothing that would remove or narrow a `protected` layer (module paths) is a candidate: no block
+    holding one, no head or channel family whose units reach into one.
+    """
     out: list[Candidate] = []
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     if "block" in levels:
-        out += [Candidate(f"block {path}", "block", block=path) for path in blocks]
+        out += [Candidate(f"block {path}", "block", block=path) for path in blocks
+                if not any(layer == path or layer.startswith(path + ".") for layer in protected)]
     for family in groups.families:
+        if protected and touches(family, protected):
+            continue
         if family.kind == "head":
             if "head" in levels:
                 out += [Candidate(f"{family.name} #{i}", "head", family, (u,)) for i, u in enumerate(family.units)]

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from fxpress.errors import RecipeError
 from fxpress.ir.graph import Graph, Inputs
+from fxpress.passes.progress import progress_bar
 from fxpress.passes.prune.candidates import Candidate
 
 COST_KINDS = ("latency", "flops", "params")
@@ -87,18 +88,22 @@ def latencies_in_turns(models: list[nn.Module], inputs: Inputs, turns: int = 10)
     params = [next(m.parameters(), None) for m in models]
     cuda = any(p is not None and p.is_cuda for p in params)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    with torch.no_grad():
+    turns = max(turns, 1)
+    with torch.no_grad(), progress_bar(f"timing {len(models)} models in turns (forwards)",
+                                       len(models) * (turns + 2)) as advance:
         for model in models:
             for _ in range(2):
                 model(*inputs.args, **inputs.kwargs)
+                advance()
         runs: list[list[float]] = [[] for _ in models]
-        for _ in range(max(turns, 1)):
+        for _ in range(turns):
             for model, times in zip(models, runs):
                 sync()
                 start = time.perf_counter()
                 model(*inputs.args, **inputs.kwargs)
                 sync()
                 times.append(time.perf_counter() - start)
+                advance()
     return [statistics.median(times) for times in runs]
 
 
@@ -136,29 +141,42 @@ def _flops(node: fx.Node) -> float:
     return 2.0 * math.prod(out.shape) * math.prod(weight.shape[1:])
 
 
+def _weighted(node: fx.Node) -> bool:
+    return node.op == "call_function" and str(node.target) in WEIGHTED_OPS
+
+
+def _add_node(graph: Graph, model: CostModel, node: fx.Node, repeats: int) -> None:
+    """Index `node` by layer, attention module and enclosing modules, and give it its cost."""
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+    if not _weighted(node):
+        model.other_nodes.add(node.name)
+    elif str(node.target) == "aten.scaled_dot_product_attention.default":
+        model.attention_nodes.setdefault(stack[-1] if stack else "", []).append(node.name)
+    else:
+        fqn = graph.param_names.get(node.args[1].name, "") if isinstance(node.args[1], fx.Node) else ""
+        model.layer_nodes.setdefault(fqn.removesuffix(".weight"), []).append(node.name)
+    for path in stack:
+        model.module_nodes.setdefault(path, []).append(node.name)
+    if model.kind == "latency":
+        model.per_node[node.name] = _time_node(node, repeats)
+    elif model.kind == "flops":
+        model.per_node[node.name] = _flops(node)
+
+
 def build_cost_model(graph: Graph, kind: str = "latency", repeats: int = 10) -> CostModel:
     """Return the cost model of `graph` for `kind` ('latency', 'flops' or 'params')."""
     if kind not in COST_KINDS:
         raise RecipeError(f"unknown cost {kind!r}; use one of {', '.join(COST_KINDS)}")
     model = CostModel(kind)
-    for node in graph.graph_module.graph.nodes:
-        weighted = node.op == "call_function" and str(node.target) in WEIGHTED_OPS
-        if not weighted and not (kind == "latency" and _timeable(node)):
-            continue
-        stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
-        if not weighted:
-            model.other_nodes.add(node.name)
-        elif str(node.target) == "aten.scaled_dot_product_attention.default":
-            model.attention_nodes.setdefault(stack[-1] if stack else "", []).append(node.name)
-        else:
-            fqn = graph.param_names.get(node.args[1].name, "") if isinstance(node.args[1], fx.Node) else ""
-            model.layer_nodes.setdefault(fqn.removesuffix(".weight"), []).append(node.name)
-        for path in stack:
-            model.module_nodes.setdefault(path, []).append(node.name)
-        if kind == "latency":
-            model.per_node[node.name] = _time_node(node, repeats)
-        elif kind == "flops":
-            model.per_node[node.name] = _flops(node)
+    nodes = [n for n in graph.graph_module.graph.nodes if _weighted(n) or (kind == "latency" and _timeable(n))]
+    if kind == "latency":
+        with progress_bar(f"latency model: timing {len(nodes)} ops alone", len(nodes)) as advance:
+            for node in nodes:
+                _add_node(graph, model, node, repeats)
+                advance()
+    else:
+        for node in nodes:
+            _add_node(graph, model, node, repeats)
     for name, p in graph.module.named_parameters():
         model.params[name] = p.numel()
         model.shapes[name] = tuple(p.shape)

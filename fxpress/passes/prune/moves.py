@@ -68,10 +68,12 @@ def removable_prefix(family_cands: list[Candidate]) -> list[Candidate]:
 
 
 def plan_moves(candidates: list[Candidate], scores: dict[str, float], rank: dict[str, float],
-               joint: JointScore | None = None) -> list[Move]:
+               joint: JointScore | None = None, order_only: bool = False) -> list[Move]:
     """Return the moves for `candidates` (`scores` each alone, `rank` the cost each saves).
 
-    With `joint`, each family is scored jointly at a few depths and split along its convex hull.
+    With `joint`, each family is scored jointly at a few depths and split along its convex hull;
+    `order_only` says the family members' scores only put them in order (local errors, not KD losses),
+    so the first depth is scored by `joint` too.
     """
     moves: list[Move] = []
     families: dict[str, list[Candidate]] = {}
@@ -95,12 +97,25 @@ def plan_moves(candidates: list[Candidate], scores: dict[str, float], rank: dict
             cost += rank[c.name]
             running.append(cost)
         for depth in _depths(len(members)):
-            score = scores[members[0].name] if depth == 1 else joint(members[:depth])
+            score = scores[members[0].name] if depth == 1 and not order_only else joint(members[:depth])
             points.append((running[depth], score, depth))
         hull = _hull(points)
         for order, ((_, s0, d0), (_, s1, d1)) in enumerate(zip(hull, hull[1:])):
             moves.append(Move(tuple(members[d0:d1]), s1 - s0, name, order))
     return moves
+
+
+def joint_calls(candidates: list[Candidate], scores: dict[str, float], rank: dict[str, float],
+                order_only: bool = False) -> int:
+    """Return how many times `plan_moves` will call its joint scorer on these candidates."""
+    calls = [0]
+
+    def count(_: list[Candidate]) -> float:
+        calls[0] += 1
+        return 0.0
+
+    plan_moves(candidates, scores, rank, count, order_only)
+    return calls[0]
 
 
 class _Plan:
@@ -192,18 +207,13 @@ def choose_moves(moves: list[Move], costs: dict[str, float], target: float,
     return plan.taken
 
 
-def best_plan(moves: list[Move], costs: dict[str, float], target: float, rank: dict[str, float] | None = None,
-              joint: JointScore | None = None) -> list[Candidate]:
-    """Return the candidates to remove this round: the greedy plan over every level, or, with `joint`,
-    whichever plan drawn from some of the levels (blocks only, heads and channels, ...) meets `target`
-    with the least joint score, all its candidates masked together.
-
-    The greedy adds up scores measured one family at a time; checking whole plans catches what it
-    cannot see (narrowing every layer a little can hurt more than losing one block).
-    """
+def candidate_plans(moves: list[Move], costs: dict[str, float], target: float,
+                    rank: dict[str, float] | None = None) -> list[list[Candidate]]:
+    """Return the greedy plan over every level first, then each different plan drawn from some of the
+    levels (blocks only, heads and channels, ...) that meets `target`."""
     everything = choose_moves(moves, costs, target, rank)
-    if joint is None or not everything:
-        return everything
+    if not everything:
+        return []
     levels = sorted({m.candidates[0].level for m in moves})
     plans = [everything]
     for size in range(1, len(levels)):
@@ -211,8 +221,22 @@ def best_plan(moves: list[Move], costs: dict[str, float], target: float, rank: d
             plan = choose_moves([m for m in moves if m.candidates[0].level in subset], costs, target, rank)
             if plan and sum(costs[c.name] for c in plan) >= target and plan not in plans:
                 plans.append(plan)
-    if len(plans) == 1:
-        return everything
+    return plans
+
+
+def best_plan(moves: list[Move], costs: dict[str, float], target: float, rank: dict[str, float] | None = None,
+              joint: JointScore | None = None) -> list[Candidate]:
+    """Return the candidates to remove this round: the greedy plan over every level, or, with `joint`,
+    whichever of `candidate_plans` has the least joint score, all its candidates masked together.
+
+    The greedy adds up scores measured one family at a time; checking whole plans catches what it
+    cannot see (narrowing every layer a little can hurt more than losing one block).
+    """
+    if joint is None:
+        return choose_moves(moves, costs, target, rank)
+    plans = candidate_plans(moves, costs, target, rank)
+    if len(plans) <= 1:
+        return plans[0] if plans else []
     return min(plans, key=lambda plan: joint(plan))
 
 

@@ -4,7 +4,9 @@ Greedy, latency-aware removal scored by KD (or magnitude / random), optional KD 
 round's candidate plans before they are compared, between rounds and after the last one (needs the
 Graph's training data), then the pruned model is captured
 again so later passes (quantization) see the new shapes. The report lists what each level lost and
-the measured CPU latency of the whole model before and after.
+the measured CPU latency of the whole model before and after, and per round how its candidates were
+scored, how many KD losses that took and how long the round ran. Every long phase shows a progress bar
+with an estimate (silent under FXPRESS_QUIET / --quiet).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from fxpress.errors import PassError
 from fxpress.ir.graph import Graph
 from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.progress import progress_bar
 from fxpress.passes.prune.costs import latencies_in_turns
 from fxpress.passes.prune.recovery import recover
 from fxpress.passes.prune.schedule import PruneConfig, greedy_prune
@@ -59,7 +62,9 @@ class TriLevelPrune(Pass):
             if self.recovery_steps else []
         timed = self.config.timing_inputs(graph.example)
         latency_before, latency_after = latencies_in_turns([graph.module, result.model], timed, self.latency_repeats)
-        pruned = graph.recapture(result.model)
+        with progress_bar("capturing the pruned model", 1) as advance:
+            pruned = graph.recapture(result.model)
+            advance()
         pruned.extras["structure"] = result.structure()
         removed: dict[str, int] = {}
         for record in result.rounds:
@@ -73,7 +78,8 @@ class TriLevelPrune(Pass):
             "latency_batch": timed.batch_size,
             "removed": removed, "blocks_removed": sorted(result.bypassed),
             "rounds": [{"removed": r.removed, "cost_before": r.cost_before, "cost_after": r.cost_after,
-                        "latency_factors": r.latency_factors} for r in result.rounds],
+                        "latency_factors": r.latency_factors, "candidates": r.candidates, "scoring": r.scoring,
+                        "kd_losses": r.kd_losses, "seconds": r.seconds} for r in result.rounds],
             "refused_blocks": {k: v for r in result.rounds for k, v in r.refused_blocks.items()},
             "params_before": params[0], "params_after": params[1],
             "latency_before_s": latency_before, "latency_after_s": latency_after,

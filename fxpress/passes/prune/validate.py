@@ -13,25 +13,36 @@ import copy
 from collections.abc import Callable
 from typing import TypeVar
 
+import torch
 from torch import nn
 
 from fxpress.errors import PassError
 from fxpress.ir.dependency import DependencyGroups, Family
-from fxpress.passes.prune.remove import check_removal, mask_units, remove_units
+from fxpress.passes.prune.remove import check_removal, consumer_columns, remove_units
 
 T = TypeVar("T")
 
 
 def _trial(model: nn.Module, families: list[Family], inputs: list[dict]) -> str | None:
-    """Return None when removing the first unit of every family matches masking it, else the reason."""
-    pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
+    """Return None when removing the first unit of every family matches masking it, else the reason.
+
+    The removal is made on a copy; the masks are put on `model` itself and taken off again."""
+    pruned = copy.deepcopy(model)
     removals = [(f, f.units[:1]) for f in families]
+    saved = []
     try:
         remove_units(pruned, removals)
-        mask_units(masked, [u for _, units in removals for u in units])
-        check_removal(pruned, masked, inputs)
+        with torch.no_grad():
+            for weight, columns in consumer_columns(model, [u for _, units in removals for u in units]):
+                saved.append((weight, columns, weight.index_select(1, columns).clone()))
+                weight.index_fill_(1, columns, 0.0)
+        check_removal(pruned, model, inputs)
     except PassError as exc:
         return str(exc)
+    finally:
+        with torch.no_grad():
+            for weight, columns, values in reversed(saved):
+                weight.index_copy_(1, columns, values)
     return None
 
 
@@ -56,12 +67,22 @@ def find_failures(items: list[T], trial: Callable[[list[T]], str | None]) -> dic
     return bad
 
 
-def validate_groups(model: nn.Module, groups: DependencyGroups, inputs: list[dict]) -> DependencyGroups:
-    """Return `groups` without the families whose removal changes the model, which move to `refused`."""
+def validate_groups(model: nn.Module, groups: DependencyGroups, inputs: list[dict],
+                    known_bad: dict[str, str] | None = None) -> DependencyGroups:
+    """Return `groups` without the families whose removal changes the model, which move to `refused`.
+
+    `known_bad` (family name -> reason; filled in with the new failures) holds families refused by an
+    earlier call on the same model, pruned since: they are refused again without a trial, so that the
+    others usually pass in one.
+    """
     model = model.eval()
-    failed = find_failures([f.name for f in groups.families], lambda names: _trial(
-        model, [f for f in groups.families if f.name in names], inputs))
-    bad = dict(failed)
+    known = known_bad if known_bad is not None else {}
+    bad = {f.name: known[f.name] for f in groups.families if f.name in known}
+    tried = [f.name for f in groups.families if f.name not in bad]
+    failed = find_failures(tried, lambda names: _trial(model, [f for f in groups.families if f.name in names],
+                                                       inputs))
+    known.update(failed)
+    bad.update(failed)
     kept = [f for f in groups.families if f.name not in bad]
     refused = dict(groups.refused)
     for name, reason in bad.items():
