@@ -29,10 +29,15 @@ def measured(tiny_unet):
 @pytest.mark.parametrize("target", [1.6, 1.75, 1.99, 2.3, 3.0, 4.5, 7.9])
 @pytest.mark.parametrize("eta", [0.0, 0.3])
 def test_target_met_within_tolerance_never_over(measured, target, eta):
-    """7.9 was refused once ('achieved 7.8319 bits per weight for a target of 7.9000'): a target is a budget."""
+    """7.9 was refused once ('achieved 7.8319 bits per weight for a target of 7.9000'): a target is a budget.
+
+    The allocation minimises the score, not the unspent bits: with eta > 0 (scores divided by params**eta)
+    the best allocation may spend less (7.62 of 7.9 here); the solver tests check it is maximal."""
     graph, report = fxpress.Pipeline([AllocateBits(target, options=OPTIONS, eta=eta)]).run(measured)
     achieved = weights_only_bits(graph)
-    assert target - 0.1 <= achieved <= target + 1e-9
+    assert achieved <= target + 1e-9
+    if eta == 0.0:
+        assert achieved >= target - 0.1
     assert report.passes[0].details["achieved_bits"] == pytest.approx(achieved, abs=1e-4)
 
 
