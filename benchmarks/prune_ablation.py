@@ -33,6 +33,7 @@ from fxpress.errors import PassError  # noqa: E402
 from fxpress.frontends import zoo  # noqa: E402
 from fxpress.frontends.capture import capture  # noqa: E402
 from fxpress.ir.graph import Inputs  # noqa: E402
+from fxpress.passes.context import PassContext  # noqa: E402
 from fxpress.passes.prune.costs import latencies_in_turns  # noqa: E402
 from fxpress.passes.prune.schedule import PruneConfig  # noqa: E402
 from fxpress.passes.prune.trilevel import TriLevelPrune  # noqa: E402
@@ -96,16 +97,16 @@ def main() -> None:
         graph = capture(model, (), example.kwargs)
         steps = [int((k + 0.5) * 1000 / args.calibration) for k in range(args.calibration)]
         graph.calibration = [Inputs((), kw) for kw in noisy_inputs(testbed, steps, 1, args.calibration_batch)]
-        graph.training_data = data
         budget = args.budget + (extra or 0.0)
         config = PruneConfig(args.cost, budget, scorer, levels, args.channel_group, args.rounds,
                              latency_repeats=args.latency_repeats, rank_by=args.rank_by,
                              latency_batch=args.latency_batch, seed=args.seed)
+        context = PassContext(training_data=data)
         try:
             with torch.enable_grad():
                 result = TriLevelPrune(config, recovery_steps=args.recovery, batch=args.batch,
                                        round_recovery_steps=args.round_recovery,
-                                       trial_recovery_steps=args.trial_recovery).run(graph)
+                                       trial_recovery_steps=args.trial_recovery).run(graph, context)
         except PassError as err:  # one level alone may not reach the budget
             table.append((label, None, None, None, str(err).split(" (pass")[0], time.perf_counter() - start))
             print(f"{label}: {err}", flush=True)

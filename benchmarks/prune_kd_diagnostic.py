@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 from fxpress.frontends import zoo  # noqa: E402
 from fxpress.frontends.capture import capture  # noqa: E402
 from fxpress.ir.graph import Inputs, output_tensors  # noqa: E402
+from fxpress.passes.context import PassContext  # noqa: E402
 from fxpress.passes.prune.recovery import recover  # noqa: E402
 from fxpress.passes.prune.schedule import PruneConfig  # noqa: E402
 from fxpress.passes.prune.scores import DistillTarget  # noqa: E402
@@ -66,11 +67,10 @@ def main() -> None:
     for label, levels, trial in (("KD tri-level", ("block", "head", "channel"), 40), ("KD blocks only", ("block",), 0)):
         graph = capture(teacher, (), example.kwargs)
         graph.calibration = [Inputs((), c.kwargs) for c in entry.calibration_inputs(4)]
-        graph.training_data = data
         config = PruneConfig("latency", 0.5, "kd", levels, 16, 4, latency_repeats=30,
                              latency_batch=args.latency_batch)
         with torch.enable_grad():
-            result = TriLevelPrune(config, trial_recovery_steps=trial).run(graph)
+            result = TriLevelPrune(config, trial_recovery_steps=trial).run(graph, PassContext(training_data=data))
         model, removed = result.graph.module, result.report["removed"]
         parts = "/".join(str(removed.get(k, 0)) for k in ("block", "head", "channel"))
         for steps in (0, 300):

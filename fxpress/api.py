@@ -18,6 +18,7 @@ from fxpress.frontends.capture import capture
 from fxpress.frontends.check_model import check_model
 from fxpress.ir.artifact import artifact_bytes, write_artifact
 from fxpress.ir.graph import Graph, Inputs
+from fxpress.passes.context import PassContext
 from fxpress.passes.module_edit import timestep_input
 from fxpress.passes.pipeline import Pipeline, PipelineReport
 from fxpress.passes.quant.allocate_bits import weights_only_bits
@@ -59,7 +60,6 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     if recipe.trains and training_data is None:
         raise RecipeError(f"the {recipe.name} recipe trains (QAT or KD recovery) but no training_data was given")
     graph = capture(model, example.args, example.kwargs)
-    graph.training_data = training_data
     if calibration_inputs:
         graph.calibration = [Inputs.of(c) for c in calibration_inputs]
     else:
@@ -68,8 +68,8 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
         graph.calibration = spread_timesteps(example, t_name, count) if t_name else [example]
     keep_names = [k for k in recipe.keep if k not in SPECIAL]
     resolve_keep(graph, keep_names)  # raises RecipeError for an unknown layer name before any work
-    new_graph, report = Pipeline(recipe.passes(), verify=verify).run(graph)
-    new_graph.training_data = None
+    context = PassContext(training_data=training_data)
+    new_graph, report = Pipeline(recipe.passes(), verify=verify).run(graph, context)
     summary = {"recipe": recipe.name, "weights_only_bits": weights_only_bits(new_graph),
                "model_params": sum(p.numel() for p in model.parameters())}
     if verify:  # the Pipeline measured each transform against the original; the last one is the result

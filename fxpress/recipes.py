@@ -15,7 +15,7 @@ from fxpress.passes.prune.schedule import PruneConfig
 from fxpress.passes.prune.trilevel import TriLevelPrune
 from fxpress.passes.quant.allocate_bits import AllocateBits
 from fxpress.passes.quant.assign_uniform import AssignUniform
-from fxpress.passes.quant.qat import QuantAwareTraining
+from fxpress.passes.quant.qat import qat_passes
 from fxpress.passes.quant.qat_config import QATConfig
 from fxpress.passes.quant.quantize import QuantizeWeights, RoundToStorage
 from fxpress.passes.quant.select_layers import SelectLayers
@@ -100,7 +100,7 @@ class BitsFusionRecipe:
             MeasureSensitivity(self.sensitivity, self.options(), self.calibration, self.scale_init),
             AllocateBits(self.target_bits, self.budget_bytes, self.options(), self.eta, self.sensitivity,
                          self.scale_init, cost_model="entropy" if self.codec == "rans" else "log2"),
-            _quantize(self.qat),
+            *_quantize(self.qat),
             RoundToStorage(self.storage_dtype),
         ]
 
@@ -165,7 +165,7 @@ class UniformRecipe:
         """Return the pass list this recipe stands for."""
         spec = QuantSpec(self.width, self.grid, scale_init=self.scale_init)
         return [*([CacheTimeEmbedding()] if self.cache_time_embedding else []), SelectLayers(list(self.keep)),
-                AssignUniform(spec), _quantize(self.qat), RoundToStorage(self.storage_dtype)]
+                AssignUniform(spec), *_quantize(self.qat), RoundToStorage(self.storage_dtype)]
 
 
 @dataclass(frozen=True)
@@ -229,9 +229,9 @@ RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRe
 Recipe = BitsFusionRecipe | UniformRecipe | TriLevelRecipe
 
 
-def _quantize(qat: QATConfig | None) -> Pass:
-    """Round once (post-training), or train with fake quantization first."""
-    return QuantizeWeights() if qat is None else QuantAwareTraining(qat)
+def _quantize(qat: QATConfig | None) -> list[Pass]:
+    """Round once (post-training), or insert fake quantization, train and freeze."""
+    return [QuantizeWeights()] if qat is None else qat_passes(qat)
 
 
 def _is_number(value: Any) -> bool:

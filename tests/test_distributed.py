@@ -83,7 +83,7 @@ def test_qat_under_torchrun_matches_one_process(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = fxpress.load(tmp_path / "one"), fxpress.load(tmp_path / "two")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    qat = next(p for p in manifest["report"] if p["name"] == "QuantAwareTraining")["details"]
+    qat = next(p for p in manifest["report"] if p["name"] == "TrainQuantized")["details"]
     assert qat["world_size"] == 2 and qat["stage1"]["steps"] == 3
     inputs = zoo.get("testbed-digits-unet").calibration_inputs(2)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Fake quantization, LSQ gradients, timestep sampling and the QuantAwareTraining pass."""
+"""Fake quantization, LSQ gradients, timestep sampling and the QAT passes (insert, train, freeze)."""
 
 from __future__ import annotations
 
@@ -89,9 +89,10 @@ def test_qat_pass_trains_and_freezes_exactly(tmp_path, name):
     qat = QATConfig(stage1_steps=6, stage2_steps=2, batch=8, lr=1e-4, scale_lr=1e-3)
     result = fxpress.compress(model, example, "uniform", bits=2, grid="balanced", scale_init="als", qat=qat,
                               training_data=entry.training_data())
-    details = next(p for p in result.report.passes if p.name == "QuantAwareTraining").details
-    assert details["freeze_rel_error"] == 0.0
-    assert set(details) >= {"stage1", "stage2"} and details["stage1"]["steps"] == 6
+    details = {p.name: p.details for p in result.report.passes}
+    assert details["FreezeQuantized"]["freeze_rel_error"] == 0.0
+    trained = details["TrainQuantized"]
+    assert set(trained) >= {"stage1", "stage2"} and trained["stage1"]["steps"] == 6
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
     fxpress.save(result, tmp_path / "qat", plot=False)
     loaded = fxpress.load(tmp_path / "qat")
@@ -104,13 +105,13 @@ def test_pass_without_data_names_itself(tiny_unet):
     from fxpress.frontends.capture import capture
     from fxpress.passes.pipeline import Pipeline
     from fxpress.passes.quant.assign_uniform import AssignUniform
-    from fxpress.passes.quant.qat import QuantAwareTraining
+    from fxpress.passes.quant.qat import qat_passes
     from fxpress.passes.quant.select_layers import SelectLayers
 
     model, example = tiny_unet
     graph = capture(model, example.args, example.kwargs)
-    passes = [SelectLayers(["first", "last"]), AssignUniform(QuantSpec(2)), QuantAwareTraining(QATConfig())]
-    with pytest.raises(PassError, match="QuantAwareTraining.*|training data"):
+    passes = [SelectLayers(["first", "last"]), AssignUniform(QuantSpec(2)), *qat_passes(QATConfig())]
+    with pytest.raises(PassError, match="TrainQuantized.*training data|training data.*TrainQuantized"):
         Pipeline(passes).run(graph)
 
 

@@ -79,7 +79,6 @@ class Graph:
         self.input_names = input_names or []
         self.provided: set[str] = {"layers"}
         self.extras: dict[str, Any] = {}
-        self.training_data: Any = None  # shared, not copied: what training passes (QAT) learn from
         self.layers: dict[str, Layer] = find_layers(graph_module.graph, param_names)
 
     def nodes_of(self, path: str) -> list[fx.Node]:
@@ -129,12 +128,12 @@ class Graph:
 
     def recapture(self, module: nn.Module, example: Inputs | None = None) -> Graph:
         """Return a new Graph of `module` (say, this model after a structural edit) exported on `example`
-        (this Graph's example inputs by default); calibration, source, training data and extras carry
+        (this Graph's example inputs by default); calibration, source and extras carry
         over, annotations do not."""
         example = self.example if example is None else example
         exported = torch.export.export(module, tuple(example.args), dict(example.kwargs), strict=False)
         new = Graph.from_export(module, exported, example, self.calibration, self.source)
-        new.training_data, new.extras = self.training_data, copy.deepcopy(self.extras)
+        new.extras = copy.deepcopy(self.extras)
         return new
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from fxpress.errors import FxpressError, PassError, PipelineOrderError
 from fxpress.ir.graph import Graph, Inputs, output_tensors
 from fxpress.output import stderr_console
 from fxpress.passes.base import Pass
+from fxpress.passes.context import PassContext
 
 
 @dataclass
@@ -90,9 +92,14 @@ class Pipeline:
                     f"pass provides (available: {sorted(available)})")
             available.update(p.provides)
 
-    def run(self, graph: Graph) -> tuple[Graph, PipelineReport]:
-        """Run every pass on a copy of `graph`; raises PassError naming the failing pass."""
+    def run(self, graph: Graph, context: PassContext | None = None) -> tuple[Graph, PipelineReport]:
+        """Run every pass on a copy of `graph`; raises PassError naming the failing pass.
+
+        Passes that train (`uses_context`) get `context` (training data, teacher, components); when it
+        names no teacher, they distil from a frozen copy of `graph`'s model as it is now.
+        """
         self.check_order(graph)
+        context = self._context(graph, context)
         work = graph.copy()
         report = PipelineReport()
         inputs = self.verify if isinstance(self.verify, Inputs) else work.example
@@ -102,7 +109,7 @@ class Pipeline:
             start = time.perf_counter()
             self.console.log(f"[bold]{p.name}[/bold] …")
             try:
-                result = p.run(work)
+                result = p.run(work, context) if getattr(p, "uses_context", False) else p.run(work)
             except FxpressError as exc:
                 if isinstance(exc, PassError) and exc.pass_name:
                     raise
@@ -123,3 +130,9 @@ class Pipeline:
             self.console.log(f"{p.name} done in {entry.seconds:.1f} s"
                              + (f", rel. error {entry.rel_error:.3g}" if entry.rel_error is not None else ""))
         return work, report
+
+    def _context(self, graph: Graph, context: PassContext | None) -> PassContext:
+        context = PassContext() if context is None else copy.copy(context)
+        if context.teacher is None and any(getattr(p, "needs_teacher", False) for p in self.passes):
+            context.teacher = copy.deepcopy(graph.module).eval().requires_grad_(False)
+        return context

@@ -1,8 +1,8 @@
 """How much each pruning candidate matters: KD-guided (distillation loss rise when masked), magnitude, random.
 
 KD-guided is the mobile-DiT paper's criterion: the student is the model with the candidate masked,
-the teacher the unmasked model; the loss is the output MSE plus the block-feature MSE (each divided by
-the teacher's variance), averaged over calibration inputs at several timesteps.
+the teacher the unmasked model; the loss is the shared `kd_loss` (output MSE plus block-feature MSE, each
+divided by the teacher's variance), averaged over calibration inputs at several timesteps.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import random
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fxpress.errors import PassError
@@ -22,6 +21,7 @@ from fxpress.passes.prune.batching import merge_inputs, split_rows
 from fxpress.passes.prune.bypass import StreamArg
 from fxpress.passes.prune.candidates import Candidate, masked, unit_magnitude
 from fxpress.passes.prune.replay import Around, BlockReplay
+from fxpress.training.objectives import kd_loss
 
 
 class DistillTarget:
@@ -93,13 +93,8 @@ class DistillTarget:
         outputs, features = self._run(student, around)
         if outputs is None:
             raise PassError("the student's batched output no longer splits into its inputs", "TriLevelPrune")
-        total = 0.0
-        for out, ref, feats, refs in zip(outputs, self.outputs, features, self.features):
-            total += float(F.mse_loss(out, ref) / ref.var().clamp_min(1e-12))
-            shared = [k for k in refs if k in feats and feats[k].shape == refs[k].shape]
-            if shared:
-                total += self.feature_weight * sum(
-                    float(F.mse_loss(feats[k], refs[k]) / refs[k].var().clamp_min(1e-12)) for k in shared) / len(shared)
+        total = sum(float(kd_loss(out, ref, feats, refs, feature_weight=self.feature_weight, normalize="all"))
+                    for out, ref, feats, refs in zip(outputs, self.outputs, features, self.features))
         return total / len(self.inputs)
 
 

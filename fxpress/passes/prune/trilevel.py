@@ -2,7 +2,7 @@
 
 Greedy, latency-aware removal scored by KD (or magnitude / random), optional KD recovery of each
 round's candidate plans before they are compared, between rounds and after the last one (needs the
-Graph's training data), then the pruned model is captured
+context's training data), then the pruned model is captured
 again so later passes (quantization) see the new shapes. The report lists what each level lost and
 the measured CPU latency of the whole model before and after, and per round how its candidates were
 scored, how many KD losses that took and how long the round ran. Every long phase shows a progress bar
@@ -17,18 +17,21 @@ from torch import nn
 
 from fxpress.errors import PassError
 from fxpress.ir.graph import Graph
-from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.base import PassResult
+from fxpress.passes.context import PassContext
 from fxpress.passes.progress import progress_bar
 from fxpress.passes.prune.costs import latencies_in_turns
 from fxpress.passes.prune.recovery import recover
 from fxpress.passes.prune.schedule import PruneConfig, greedy_prune
+from fxpress.passes.training_pass import TrainingPass
 
 
-class TriLevelPrune(Pass):
+class TriLevelPrune(TrainingPass):
     """Prune whole blocks, attention heads and channel groups to a latency, FLOPs or parameter budget."""
 
     provides = ("pruned",)
     transforms = True
+    needs_teacher = False  # its teacher is the model as this pass receives it
 
     def __init__(self, config: PruneConfig, recovery_steps: int = 0, round_recovery_steps: int = 0,
                  batch: int = 32, lr: float = 1e-4, latency_repeats: int = 10, trial_recovery_steps: int = 0):
@@ -37,10 +40,10 @@ class TriLevelPrune(Pass):
         self.trial_recovery_steps = trial_recovery_steps
         self.batch, self.lr, self.latency_repeats = batch, lr, latency_repeats
 
-    def run(self, graph: Graph) -> PassResult:
-        if (self.recovery_steps or self.round_recovery_steps or self.trial_recovery_steps) \
-                and graph.training_data is None:
-            raise PassError("KD recovery needs training data (compress(..., training_data=...))", self.name)
+    def train(self, graph: Graph, context: PassContext) -> PassResult:
+        data = None
+        if self.recovery_steps or self.round_recovery_steps or self.trial_recovery_steps:
+            data = context.require_data(self.name, "KD recovery")
         if graph.example.args:
             raise PassError("pruning needs the model's inputs as keyword arguments", self.name)
         if any(c.args for c in graph.calibration):
@@ -49,15 +52,15 @@ class TriLevelPrune(Pass):
 
         def between(model: nn.Module, index: int) -> None:
             if self.round_recovery_steps:
-                recover(model, teacher, graph.training_data, self.round_recovery_steps, batch=self.batch,
+                recover(model, teacher, data, self.round_recovery_steps, batch=self.batch,
                         lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + index)
 
         def trial(model: nn.Module) -> None:
-            recover(model, teacher, graph.training_data, self.trial_recovery_steps, batch=self.batch, lr=self.lr,
+            recover(model, teacher, data, self.trial_recovery_steps, batch=self.batch, lr=self.lr,
                     feature_weight=self.config.feature_weight, seed=self.config.seed + 500)
 
         result = greedy_prune(graph, self.config, between, trial if self.trial_recovery_steps else None)
-        losses = recover(result.model, teacher, graph.training_data, self.recovery_steps, batch=self.batch,
+        losses = recover(result.model, teacher, data, self.recovery_steps, batch=self.batch,
                          lr=self.lr, feature_weight=self.config.feature_weight, seed=self.config.seed + 1000) \
             if self.recovery_steps else []
         timed = self.config.timing_inputs(graph.example)

@@ -1,18 +1,15 @@
-"""`QuantAwareTraining`: BitsFusion's two-stage QAT as a pass, ending in packed low-bit layers.
+"""BitsFusion's two-stage QAT as three passes: insert fake quantization, train, freeze into packed layers.
 
-It takes the place of `QuantizeWeights` after bit allocation: every annotated layer becomes a
-fake-quant layer (its allocated grid and width, scales from the recipe's initialisation or LSQ's),
-the model is trained against a frozen copy of itself (stage I, distillation) and then on noise
-prediction (stage II), and each layer is frozen into the same LowBitLinear/LowBitConv2d that PTQ
+`InsertFakeQuant` takes the place of `QuantizeWeights` after bit allocation: every annotated layer
+becomes a fake-quant layer (its allocated grid and width, scales from the recipe's initialisation or
+LSQ's). `TrainQuantized` trains the model against the context's frozen teacher (stage I, distillation)
+and then on noise prediction (stage II); other passes (step distillation) can train a fake-quant model
+too. `FreezeQuantized` swaps each fake-quant layer for the same LowBitLinear/LowBitConv2d that PTQ
 produces. Runs in one process or under torchrun (DDP) unchanged.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +17,7 @@ from torch import nn
 from fxpress.errors import PassError
 from fxpress.ir.graph import Graph, output_tensors
 from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.context import PassContext
 from fxpress.passes.distill.features import FeatureTap, block_modules
 from fxpress.passes.module_edit import replace_submodule
 from fxpress.passes.quant.fake_quant import fake_quant_module, lsq_scales
@@ -27,59 +25,33 @@ from fxpress.passes.quant.qat_config import QATConfig
 from fxpress.passes.quant.quantize import lowbit_module
 from fxpress.passes.quant.scale_cache import forget_scales, recall_scale
 from fxpress.passes.quant.scale_init import fit_scales
-from fxpress.training.diffusion_data import DiffusionData
-from fxpress.training.distributed import Distributed, unwrap
-from fxpress.training.loop import step_generator, train_loop
+from fxpress.passes.training_pass import TrainingPass
+from fxpress.training.loop import step_generator
+from fxpress.training.objectives import draw_timesteps, guided_prediction, kd_loss, noised_batch
+
+__all__ = ["FreezeQuantized", "InsertFakeQuant", "TrainQuantized", "draw_timesteps",
+           "fake_quant_layers", "qat_passes"]
 
 
-def draw_timesteps(gen: torch.Generator, size: int, total: int, mode: str, beta: tuple[float, float]) -> torch.Tensor:
-    """Return `size` integer timesteps in [0, total): uniform, or Beta(a, b) scaled to the range.
-
-    Beta(3, 1) (BitsFusion) favours large t, where quantization error is largest. Draws are
-    deterministic in `gen`.
-    """
-    if mode == "uniform":
-        return torch.randint(0, total, (size,), generator=gen)
-    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-    fraction = torch.from_numpy(rng.beta(beta[0], beta[1], size))
-    return (fraction * total).long().clamp_(0, total - 1)
+def fake_quant_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Return the fake-quant layers of `module` by module path (those with a learnable `log_scale`)."""
+    return {name: m for name, m in module.named_modules() if hasattr(m, "frozen") and hasattr(m, "log_scale")}
 
 
-class QuantAwareTraining(Pass):
-    """Fake-quantize every annotated layer, run two-stage QAT, then freeze into packed low-bit layers.
-
-    Needs `graph.training_data` (a DiffusionData; `fxpress.compress(..., training_data=...)`).
-    """
+class InsertFakeQuant(Pass):
+    """Replace every layer that has an allocated width by a fake-quant twin (scales from the recipe's
+    initialisation or LSQ's)."""
 
     requires = ("bits",)
-    provides = ("quantized", "qat")
+    provides = ("fake_quant",)
     transforms = True
 
-    def __init__(self, config: QATConfig):
-        self.config = config.validate()
-
-    def run(self, graph: Graph) -> PassResult:
-        data: DiffusionData | None = getattr(graph, "training_data", None)
-        if data is None:
-            raise PassError("quantization-aware training needs training data: pass training_data= (a "
-                            "DiffusionData) to fxpress.compress, or compress a testbed model", self.name)
-        teacher = copy.deepcopy(graph.module).eval().requires_grad_(False)
-        fake = self._insert_fake_quant(graph)
-        ctx = Distributed.from_env()
-        report: dict = {"layers": len(fake), "world_size": ctx.world, "config": vars(self.config)}
-        with torch.enable_grad():
-            student = graph.module.train().requires_grad_(True)
-            for stage, steps in ((1, self.config.stage1_steps), (2, self.config.stage2_steps)):
-                if steps:
-                    report[f"stage{stage}"] = self._train(stage, steps, student, teacher, data, ctx, fake)
-        graph.module.eval().requires_grad_(False)
-        report["freeze_rel_error"] = self._freeze(graph, fake)
-        forget_scales(graph)
-        return PassResult(graph, True, report)
+    def __init__(self, scale_init: str = "recipe"):
+        self.scale_init = scale_init
 
     @torch.no_grad()
-    def _insert_fake_quant(self, graph: Graph) -> dict[str, nn.Module]:
-        fake = {}
+    def run(self, graph: Graph) -> PassResult:
+        count = 0
         for path, ann in graph.annotations().items():
             spec = ann.quant
             if spec is None:
@@ -89,79 +61,91 @@ class QuantAwareTraining(Pass):
                 raise PassError(f"layer is a {type(module).__name__}, not Linear/Conv2d", self.name,
                                 node=graph.layers[path].nodes[0], module_path=path)
             w2d = module.weight.detach().reshape(module.weight.shape[0], -1).float()
-            if self.config.scale_init == "lsq":
+            if self.scale_init == "lsq":
                 scale = lsq_scales(w2d, spec)
             else:
                 scale = recall_scale(graph, path, spec)
                 scale = fit_scales(w2d, spec) if scale is None else scale
-            fake[path] = fake_quant_module(module, spec, scale.float())
-            replace_submodule(graph.module, path, fake[path])
-        return fake
+            replace_submodule(graph.module, path, fake_quant_module(module, spec, scale.float()))
+            count += 1
+        return PassResult(graph, True, {"layers": count, "scale_init": self.scale_init})
 
-    def _train(self, stage: int, steps: int, student: nn.Module, teacher: nn.Module, data: DiffusionData,
-               ctx: Distributed, fake: dict[str, nn.Module]) -> dict:
+
+class TrainQuantized(TrainingPass):
+    """Two-stage QAT of a fake-quantized model: stage I distils the context's teacher (CFG-aware, block
+    features, Beta timesteps as configured), stage II fine-tunes on noise prediction."""
+
+    requires = ("fake_quant",)
+    provides = ("qat",)
+
+    def __init__(self, config: QATConfig):
+        self.config = config.validate()
+
+    def train(self, graph: Graph, context: PassContext) -> PassResult:
+        data = context.require_data(self.name, "quantization-aware training")
+        teacher = context.require_teacher(self.name)
+        fake = fake_quant_layers(graph.module)
+        if not fake:
+            raise PassError("the model has no fake-quant layers: run InsertFakeQuant first", self.name)
+        report: dict = {"layers": len(fake), "config": vars(self.config)}
+        for stage, steps in ((1, self.config.stage1_steps), (2, self.config.stage2_steps)):
+            if steps:
+                report[f"stage{stage}"] = self._stage(context, stage, steps, graph.module, teacher, data, fake)
+                report["world_size"] = report[f"stage{stage}"]["world_size"]
+        return PassResult(graph, True, report)
+
+    def _stage(self, context: PassContext, stage: int, steps: int, student: nn.Module, teacher: nn.Module, data,
+               fake: dict[str, nn.Module]) -> dict:
         cfg = self.config
         scales = [m.log_scale for m in fake.values()]
         scale_ids = {id(p) for p in scales}
         others = [p for p in student.parameters() if id(p) not in scale_ids]
-        optimizer = torch.optim.AdamW([{"params": others, "lr": cfg.lr}, {"params": scales, "lr": cfg.scale_lr}],
-                                      weight_decay=0.0)
-        model = ctx.wrap(student)
-        teacher = teacher.to(ctx.device)
+        groups = [{"params": others, "lr": cfg.lr}, {"params": scales, "lr": cfg.scale_lr}]
         taps = None
         if stage == 1 and cfg.feature_distill > 0:
-            blocks_s, blocks_t = block_modules(student), block_modules(teacher)
-            taps = (FeatureTap(blocks_s), FeatureTap(blocks_t))
-        uncond = data.unconditional.to(ctx.device)
+            taps = (FeatureTap(block_modules(student)), FeatureTap(block_modules(teacher)))
         mode = cfg.timesteps if stage == 1 else cfg.stage2_timesteps
         seed = cfg.seed * 10 + stage
 
-        def loss_fn(step: int) -> torch.Tensor:
-            gen = step_generator(seed, step)
-            x0, cond = data.batch(gen, cfg.batch)
-            noise = torch.randn(x0.shape, generator=gen)
-            t = draw_timesteps(gen, cfg.batch, data.num_timesteps, mode, cfg.beta)
-            drop = torch.rand(cfg.batch, generator=gen) < cfg.prompt_dropout
-            cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), uncond.expand_as(cond), cond)
-            w = cfg.guidance[0] + (cfg.guidance[1] - cfg.guidance[0]) * torch.rand(cfg.batch, generator=gen)
-            x0, noise, t, cond, w = (ctx.shard(v) for v in (x0, noise, t, cond, w))
-            noisy = data.add_noise(x0, noise, t)
-            if stage == 2:
-                return F.mse_loss(data.predict(model, noisy, t, cond), data.target(x0, noise, t))
-            if cfg.cfg_distill:
-                both = (torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([uncond.expand_as(cond), cond]))
-                out_s = data.predict(model, *both)
-                with torch.no_grad():
-                    out_t = data.predict(teacher, *both)
-                w = w.view(-1, *[1] * (noisy.dim() - 1))
-                (su, sc), (tu, tc) = out_s.chunk(2), out_t.chunk(2)
-                loss = F.mse_loss(su + w * (sc - su), tu + w * (tc - tu))
-            else:
-                out_s = data.predict(model, noisy, t, cond)
-                with torch.no_grad():
-                    out_t = data.predict(teacher, noisy, t, cond)
-                loss = F.mse_loss(out_s, out_t)
-            feats = [F.mse_loss(taps[0].values[k], taps[1].values[k]) for k in taps[1].values] if taps else []
-            if feats:  # a model without UNet/DiT blocks has no features to distill
-                loss = loss + cfg.feature_distill * torch.stack(feats).mean()
-            return loss
+        def make_loss(model, ctx):
+            def loss_fn(step: int) -> torch.Tensor:
+                b = noised_batch(data, step_generator(seed, step), cfg.batch, timesteps=mode, beta=cfg.beta,
+                                 prompt_dropout=cfg.prompt_dropout, guidance=cfg.guidance).shard(ctx)
+                if stage == 2:
+                    return F.mse_loss(data.predict(model, b.noisy, b.t, b.cond), data.target(b.x0, b.noise, b.t))
+                if cfg.cfg_distill:
+                    out = guided_prediction(data, model, b.noisy, b.t, b.cond, b.guidance)
+                    with torch.no_grad():
+                        ref = guided_prediction(data, teacher, b.noisy, b.t, b.cond, b.guidance)
+                else:
+                    out = data.predict(model, b.noisy, b.t, b.cond)
+                    with torch.no_grad():
+                        ref = data.predict(teacher, b.noisy, b.t, b.cond)
+                feats_s, feats_t = (taps[0].values, taps[1].values) if taps else (None, None)
+                return kd_loss(out, ref, feats_s, feats_t, feature_weight=cfg.feature_distill, normalize="none")
+            return loss_fn
 
-        began = time.perf_counter()
         try:
-            losses = train_loop(loss_fn, optimizer, steps, ctx, {"student": student},
-                                description=f"QAT stage {'I' if stage == 1 else 'II'}")
+            result = self.fit(context, student, make_loss, steps, groups, frozen=[teacher], stage=f"stage{stage}",
+                              description=f"QAT stage {'I' if stage == 1 else 'II'}")
         finally:
             if taps is not None:
                 taps[0].close()
                 taps[1].close()
-        unwrap(model)
-        window = max(1, min(50, len(losses) // 4))
-        return {"steps": steps, "seconds": round(time.perf_counter() - began, 1), "timesteps": mode,
-                "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window}
+        return {**result, "timesteps": mode}
+
+
+class FreezeQuantized(Pass):
+    """Swap each fake-quant layer for its packed low-bit twin; the report gives the output change (~0)."""
+
+    requires = ("fake_quant",)
+    provides = ("quantized",)
+    transforms = True
 
     @torch.no_grad()
-    def _freeze(self, graph: Graph, fake: dict[str, nn.Module]) -> float:
-        """Swap each fake-quant layer for its packed twin; return the output change (should be ~0)."""
+    def run(self, graph: Graph) -> PassResult:
+        fake = fake_quant_layers(graph.module)
+        graph.module.eval().requires_grad_(False)
         before = graph.run()
         for path, module in fake.items():
             codes, scale = module.frozen()
@@ -173,4 +157,11 @@ class QuantAwareTraining(Pass):
         after = graph.run()
         num = sum(float((a - b).square().sum()) for a, b in zip(output_tensors(before), output_tensors(after)))
         den = sum(float(b.square().sum()) for b in output_tensors(before))
-        return (num / max(den, 1e-30)) ** 0.5
+        forget_scales(graph)
+        return PassResult(graph, True, {"layers": len(fake), "freeze_rel_error": (num / max(den, 1e-30)) ** 0.5})
+
+
+def qat_passes(config: QATConfig) -> list[Pass]:
+    """Return BitsFusion's QAT as passes: insert fake quantization, train both stages, freeze."""
+    config = config.validate()
+    return [InsertFakeQuant(config.scale_init), TrainQuantized(config), FreezeQuantized()]
