@@ -11,11 +11,15 @@ from typing import Any, ClassVar
 from fxpress.errors import RecipeError
 from fxpress.ir.annotations import GRIDS, QuantSpec
 from fxpress.passes.base import Pass
+from fxpress.passes.distill.adversarial import AdversarialDistill
+from fxpress.passes.distill.config import DistillConfig
+from fxpress.passes.distill.guidance import GuidanceDistill
+from fxpress.passes.distill.progressive import ProgressiveDistill
 from fxpress.passes.prune.schedule import PruneConfig
 from fxpress.passes.prune.trilevel import TriLevelPrune
 from fxpress.passes.quant.allocate_bits import AllocateBits
 from fxpress.passes.quant.assign_uniform import AssignUniform
-from fxpress.passes.quant.qat import qat_passes
+from fxpress.passes.quant.qat import FreezeQuantized, InsertFakeQuant, qat_passes
 from fxpress.passes.quant.qat_config import QATConfig
 from fxpress.passes.quant.quantize import QuantizeWeights, RoundToStorage
 from fxpress.passes.quant.select_layers import SelectLayers
@@ -225,8 +229,91 @@ class TriLevelRecipe:
         return [prune, *(self.quantize_recipe().passes() if self.quantize else [])]
 
 
-RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe, "trilevel": TriLevelRecipe}
-Recipe = BitsFusionRecipe | UniformRecipe | TriLevelRecipe
+STAGES = {"guidance": GuidanceDistill, "progressive": ProgressiveDistill, "adversarial": AdversarialDistill}
+
+
+@dataclass(frozen=True)
+class DistillRecipe:
+    """Step distillation: `method` names one stage or several joined by '+', run in order
+    ('guidance+progressive', 'progressive+adversarial'); `distill` holds their settings (a DistillConfig;
+    `steps` is where the sampler ends). With `quantize` ('bitsfusion' or 'uniform', at `target_bits`, with
+    optional `qat`), the student is fake-quantized first, distilled as such and frozen into packed
+    low-bit layers at the end: a low-bit few-step model in one recipe.
+    """
+
+    name: ClassVar[str] = "distill"
+    method: str = "progressive"
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: str | None = None
+    target_bits: float | None = None
+    qat: QATConfig | None = None
+    codec: str = "rans"
+    keep: tuple[str, ...] = ()
+    calibration: int = 4
+    version: int = RECIPE_VERSION
+
+    trains: ClassVar[bool] = True
+
+    @property
+    def stages(self) -> list[str]:
+        """The distillation stages in order."""
+        return [m.strip() for m in self.method.split("+")]
+
+    def validate(self) -> DistillRecipe:
+        """Return self, or raise RecipeError naming the first invalid field."""
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version} is not supported (this fxpress: {RECIPE_VERSION})")
+        unknown = [m for m in self.stages if m not in STAGES]
+        if unknown or not self.stages:
+            raise RecipeError(f"distill method {self.method!r}: each stage must be one of {', '.join(STAGES)} "
+                              "(joined by '+')")
+        if not isinstance(self.distill, DistillConfig):
+            raise RecipeError(f"distill must be a DistillConfig or a table of its fields, got "
+                              f"{type(self.distill).__name__}")
+        for stage in self.stages:
+            replace(self.distill, method=stage).validate()
+        low, high = self.distill.guidance
+        if "progressive" in self.stages and low != high and "guidance" not in self.stages[:self.stages.index(
+                "progressive")]:
+            raise RecipeError(f"progressive distillation of a model without a guidance input folds one guidance "
+                              f"weight, but distill.guidance is the range {[low, high]}: give one value, or use "
+                              "method = 'guidance+progressive'")
+        if self.quantize is not None and self.quantize not in ("bitsfusion", "uniform"):
+            raise RecipeError(f"quantize must be 'bitsfusion', 'uniform' or absent, got {self.quantize!r}")
+        if (self.target_bits is not None or self.qat is not None) and self.quantize is None:
+            raise RecipeError("target_bits and qat need a quantization stage: set quantize = 'bitsfusion' or "
+                              "'uniform'")
+        if self.quantize is not None:
+            self.quantize_recipe()
+        return self
+
+    def quantize_recipe(self) -> BitsFusionRecipe | UniformRecipe:
+        """Return the validated quantization recipe whose fake-quantized model is distilled."""
+        settings = {} if self.target_bits is None else {"target_bits": self.target_bits}
+        return replace(RECIPES[self.quantize](), codec=self.codec, qat=self.qat, **settings).validate()
+
+    def passes(self) -> list[Pass]:
+        """Return the passes: [quantization up to fake-quant insertion (and QAT)], the distillation stages,
+        [freeze into low-bit layers and the rest of the quantization recipe]."""
+        stages = [STAGES[m](replace(self.distill, method=m)) for m in self.stages]
+        if self.quantize is None:
+            return stages
+        before, after = [], []
+        for p in self.quantize_recipe().passes():
+            if isinstance(p, (QuantizeWeights, InsertFakeQuant)):
+                before.append(InsertFakeQuant(p.scale_init if isinstance(p, InsertFakeQuant) else "recipe"))
+            elif isinstance(p, FreezeQuantized):
+                continue
+            elif isinstance(p, RoundToStorage) or after:
+                after.append(p)
+            else:
+                before.append(p)
+        return [*before, *stages, FreezeQuantized(), *after]
+
+
+RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe, "trilevel": TriLevelRecipe,
+                           "distill": DistillRecipe}
+Recipe = BitsFusionRecipe | UniformRecipe | TriLevelRecipe | DistillRecipe
 
 
 def _quantize(qat: QATConfig | None) -> list[Pass]:
@@ -328,9 +415,10 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
         if name not in RECIPES:
             raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
         base = RECIPES[name]()
-    if isinstance(overrides.get("qat"), dict):  # --qat steps refine a recipe's [qat] table, not replace it
-        earlier = data.get("qat") or (vars(base.qat) if getattr(base, "qat", None) is not None else {})
-        overrides = {**overrides, "qat": {**earlier, **overrides["qat"]}}
+    for table in ("qat", "distill"):  # --qat / --steps refine a recipe's table, not replace it
+        if isinstance(overrides.get(table), dict):
+            earlier = data.get(table) or (vars(getattr(base, table)) if getattr(base, table, None) is not None else {})
+            overrides = {**overrides, table: {**earlier, **overrides[table]}}
     data.update(overrides)
     if isinstance(base, TriLevelRecipe):
         data = _fold_prune(base, data)
@@ -341,6 +429,8 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
     data = _checked_types(type(base), {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     if "qat" in data:
         data["qat"] = QATConfig.of(data["qat"])
+    if "distill" in data:
+        data["distill"] = DistillConfig.of(data["distill"])
     if data.get("budget_bytes") is not None and "target_bits" not in data:
         data["target_bits"] = None
     try:

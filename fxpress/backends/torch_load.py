@@ -26,6 +26,7 @@ from fxpress.ir.artifact import read_artifact
 from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels import entropy
 from fxpress.kernels.bypass import Bypass, StreamArg
+from fxpress.kernels.guidance import GuidanceConditioned
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.kernels.packing import unpack_radix
 from fxpress.kernels.timestep_table import TimestepTable, install_feeder
@@ -152,6 +153,19 @@ def _model_to_fill(model: nn.Module | Callable[[], nn.Module] | None, manifest: 
     return skeleton
 
 
+def _wrapped(skeleton: nn.Module, wrapper: dict[str, Any] | None) -> nn.Module:
+    """Return `skeleton` inside the wrapper the artifact records (a guidance input), or as it is."""
+    if not wrapper:
+        return skeleton
+    try:
+        skeleton.get_submodule(wrapper["site"])
+    except AttributeError as exc:
+        raise ArtifactError(f"the artifact adds a guidance input at {wrapper['site']!r}, which the rebuilt "
+                            f"{type(skeleton).__name__} does not have") from exc
+    with torch.device("meta"):
+        return GuidanceConditioned(skeleton, wrapper["site"], wrapper["width"], wrapper["features"], wrapper["scale"])
+
+
 def _submodule(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
@@ -218,7 +232,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
     """
     start = time.perf_counter()
     manifest, tensors = read_artifact(directory)
-    skeleton = _model_to_fill(model, manifest)
+    skeleton = _wrapped(_model_to_fill(model, manifest), manifest.get("wrapper"))
     with restored_on_failure(skeleton) if isinstance(model, nn.Module) else nullcontext():
         decode_seconds = _fill(skeleton, manifest, tensors)
     skeleton.eval()

@@ -204,6 +204,33 @@ def _check_tensor_records(f: _Fields, manifest: dict[str, Any]) -> None:
         f.text(info.get("sha256"), f"{where}.sha256", SHA256)
 
 
+def _check_wrapper(f: _Fields, wrapper: Any) -> None:
+    wrapper = f.obj(wrapper, "wrapper", optional=True)
+    if not wrapper:
+        return
+    f.text(wrapper.get("kind"), "wrapper.kind", choices=("guidance_input",))
+    f.text(wrapper.get("site"), "wrapper.site", MODULE_PATH)
+    f.integer(wrapper.get("width"), "wrapper.width", 1, 1 << 20)
+    f.integer(wrapper.get("features"), "wrapper.features", 2, 1 << 16)
+    f.number(wrapper.get("scale"), "wrapper.scale")
+
+
+def _check_sampler(f: _Fields, sampler: Any) -> None:
+    sampler = f.obj(sampler, "sampler", optional=True)
+    if not sampler:
+        return
+    from fxpress.errors import FxpressError
+    from fxpress.ir.sampler import SamplerSpec
+
+    for key in ("timesteps", "prev_timesteps", "alphas_cumprod"):
+        for i, value in enumerate(f.array(sampler.get(key), f"sampler.{key}")[:100_000]):
+            (f.number if key == "alphas_cumprod" else f.integer)(value, f"sampler.{key}[{i}]")
+    try:
+        SamplerSpec.from_json(sampler)
+    except FxpressError as exc:
+        f.fail("sampler", f"does not describe a sampler: {exc}")
+
+
 def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     """Raise ArtifactError naming the first field of `manifest` (read from `path`) that no fxpress writer makes.
 
@@ -224,6 +251,8 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
             f.text(module, f"time_cache.modules[{i}]", MODULE_PATH)
         f.text(time_cache.get("timestep_input"), "time_cache.timestep_input", IDENTIFIER)
     _check_structure(f, manifest.get("structure"))
+    _check_wrapper(f, manifest.get("wrapper"))
+    _check_sampler(f, manifest.get("sampler"))
     _check_annotations(f, manifest.get("annotations"))
     _check_inputs(f, manifest.get("inputs"))
     summary = f.obj(manifest.get("summary"), "summary", optional=True)

@@ -145,3 +145,46 @@ def ddim_step(spec: SamplerSpec, x: torch.Tensor, out: torch.Tensor, alpha: floa
     if spec.clip_sample is not None:
         x0 = x0.clamp(-spec.clip_sample, spec.clip_sample)
     return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return _first_tensor(output[0])
+    if hasattr(output, "to_tuple"):
+        return _first_tensor(output.to_tuple())
+    raise FxpressError(f"the denoiser returned {type(output).__name__}, not a tensor")
+
+
+def guided_output(spec: SamplerSpec, model: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                  uncond: torch.Tensor | None = None, guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Return the denoiser's prediction at `x`, timesteps `t` (B,) as the spec's guidance mode asks:
+    CFG (one batch of [uncond; cond], mixed with `guidance` or the spec's scale), embedded (the scale as
+    the input `spec.guidance_input`) or plain conditional."""
+    w = spec.guidance_scale if guidance is None else guidance
+    kw = {spec.sample_input: x, spec.timestep_input: t, spec.condition_input: cond}
+    if spec.guidance == "none":
+        return _first_tensor(model(**kw))
+    if not isinstance(w, torch.Tensor):
+        w = torch.full((x.shape[0],), float(w), dtype=x.dtype, device=x.device)
+    if spec.guidance == "embedded":
+        return _first_tensor(model(**kw, **{spec.guidance_input: w}))
+    if uncond is None:
+        raise FxpressError("classifier-free guidance needs the unconditional embedding (uncond)")
+    both = _first_tensor(model(**{spec.sample_input: torch.cat([x, x]), spec.timestep_input: torch.cat([t, t]),
+                                 spec.condition_input: torch.cat([uncond.expand_as(cond), cond])}))
+    u, c = both.chunk(2)
+    return u + w.to(u.dtype).view(-1, *[1] * (u.dim() - 1)) * (c - u)
+
+
+def sample(spec: SamplerSpec, model: Any, noise: torch.Tensor, cond: torch.Tensor,
+           uncond: torch.Tensor | None = None, guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Return the samples the spec's sampler draws from `noise` (not clamped beyond the spec's own x0
+    clipping): one `guided_output` and one `ddim_step` per timestep."""
+    x = noise
+    for t, prev in zip(spec.timesteps, spec.prev_timesteps):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        out = guided_output(spec, model, x, tt, cond, uncond, guidance)
+        x = ddim_step(spec, x, out, spec.alpha(t), spec.alpha(prev))
+    return x

@@ -61,6 +61,10 @@ def train_student(student: nn.Module, make_loss: LossFactory, steps: int, param_
         module.eval().requires_grad_(False).to(ctx.device)
     for module in (extra_modules or {}).values():
         module.to(ctx.device)
+        if ctx.world > 1:  # trained beside the DDP-wrapped student: average their gradients over ranks too
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.register_hook(lambda grad: ctx.average(grad))
     student.train()
     model = ctx.wrap(student)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)

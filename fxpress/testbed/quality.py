@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxpress.ir.sampler import SamplerSpec
 from fxpress.testbed.models import Testbed
-from fxpress.testbed.sampling import predict_noise, sample_images, training_scheduler
+from fxpress.testbed.sampling import predict_noise, sample_images, sample_with, training_scheduler
 
 
 @dataclass
@@ -87,10 +88,13 @@ def denoising_mse(testbed: Testbed, model: nn.Module, images: torch.Tensor, capt
 
 @torch.no_grad()
 def evaluate(testbed: Testbed, model: nn.Module | None = None, *, per_prompt: int = 30, seed: int = 0,
-             steps: int | None = None, guidance: float | None = None) -> tuple[Quality, torch.Tensor]:
+             steps: int | None = None, guidance: float | None = None,
+             sampler: SamplerSpec | None = None) -> tuple[Quality, torch.Tensor]:
     """Sample `per_prompt` images for every evaluation prompt from `model` (default: the testbed's own
     denoiser) and measure them.
 
+    `sampler` (a distilled model's own) replaces the testbed's DDIM; `denoise_mse` is then left out (NaN):
+    a student trained for its few timesteps is not a noise predictor at every timestep.
     Returns (Quality, images) with images ordered prompt by prompt, (P * per_prompt, C, H, W).
     """
     start = time.perf_counter()
@@ -101,9 +105,12 @@ def evaluate(testbed: Testbed, model: nn.Module | None = None, *, per_prompt: in
     captions = [text for text, _ in prompts for _ in range(per_prompt)]
     cond = testbed.encode(captions)
     uncond = testbed.encode([""])
-    images = sample_images(model, cond, uncond, (spec.channels, spec.resolution, spec.resolution), steps=steps,
-                           guidance=guidance, seed=seed, sample_input=spec.sample_input,
-                           prediction=spec.prediction)
+    shape = (spec.channels, spec.resolution, spec.resolution)
+    if sampler is not None:
+        images = sample_with(sampler, model, cond, uncond, shape, seed=seed)
+    else:
+        images = sample_images(model, cond, uncond, shape, steps=steps, guidance=guidance, seed=seed,
+                               sample_input=spec.sample_input, prediction=spec.prediction)
     predicted, features = classify(testbed, images)
     wanted = {name: torch.tensor([f[name] for _, f in prompts for _ in range(per_prompt)]) for name in spec.factors}
     hits = {name: predicted[name] == wanted[name] for name in spec.factors}
@@ -114,9 +121,13 @@ def evaluate(testbed: Testbed, model: nn.Module | None = None, *, per_prompt: in
         accuracy=float(every.float().mean()),
         factor_accuracy={k: float(v.float().mean()) for k, v in hits.items()},
         frechet=frechet_distance(features, real_features),
-        denoise_mse=denoising_mse(testbed, model, heldout.images, heldout.captions, seed),
+        denoise_mse=denoising_mse(testbed, model, heldout.images, heldout.captions, seed) if sampler is None
+        else float("nan"),
         samples=len(captions), seconds=time.perf_counter() - start,
         settings={"steps": steps, "guidance": guidance, "seed": seed, "per_prompt": per_prompt,
-                  "sampler": "DDIM (eta 0)", "heldout": len(heldout)},
+                  "sampler": "DDIM (eta 0)", "heldout": len(heldout)} if sampler is None else
+        {"steps": sampler.steps, "guidance": sampler.guidance_scale, "seed": seed, "per_prompt": per_prompt,
+         "sampler": f"DDIM (eta 0) at {list(sampler.timesteps)}, guidance {sampler.guidance}",
+         "heldout": len(heldout)},
     )
     return quality, images

@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from fxpress.ir.graph import output_tensors
+from fxpress.ir.sampler import SamplerSpec, sample
 
 SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
                             "prediction_type": "epsilon"}
@@ -65,3 +66,19 @@ def sample_images(model: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, sh
             x = scheduler.step(eps, t, x).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out)
+
+
+def seeded_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Return `count` noise tensors, the i-th drawn from generator seed + i (paired across models)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
+
+
+@torch.no_grad()
+def sample_with(spec: SamplerSpec, model: nn.Module, cond: torch.Tensor, uncond: torch.Tensor,
+                shape: tuple[int, int, int], *, seed: int = 0, batch: int = 250) -> torch.Tensor:
+    """Return len(cond) images in [-1, 1] drawn with the sampler `spec` describes (a distilled student's own
+    timesteps, prediction and guidance), from the same seeded noise as `sample_images`."""
+    noise = seeded_noise(cond.shape[0], shape, seed)
+    out = [sample(spec, model, noise[lo:lo + batch], cond[lo:lo + batch], uncond)
+           for lo in range(0, cond.shape[0], batch)]
+    return torch.cat(out).clamp(-1, 1)

@@ -68,6 +68,14 @@ class Distributed:
         dist.all_reduce(t)
         return float(t) / self.world
 
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return the mean of `tensor` over all ranks (a new tensor; `tensor` itself when alone)."""
+        if self.world == 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out)
+        return out / self.world
+
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.world > 1:
