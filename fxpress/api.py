@@ -23,6 +23,7 @@ from fxpress.passes.module_edit import timestep_input
 from fxpress.passes.pipeline import Pipeline, PipelineReport
 from fxpress.passes.quant.allocate_bits import weights_only_bits
 from fxpress.passes.quant.select_layers import SPECIAL, resolve_keep
+from fxpress.passes.quant.unfreeze import unfreeze
 from fxpress.plots import bits_per_layer_png
 from fxpress.recipes import Recipe, make_recipe
 from fxpress.training.diffusion_data import DiffusionData
@@ -45,14 +46,16 @@ class CompressResult:
 
 def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", *,
              calibration_inputs: list[Any] | None = None, verify: bool = True,
-             training_data: DiffusionData | None = None, **overrides: Any) -> CompressResult:
+             training_data: DiffusionData | None = None, checkpoint_dir: str | Path | None = None,
+             resume: bool = False, **overrides: Any) -> CompressResult:
     """Capture `model`, run the recipe's passes on a copy and return a CompressResult.
 
     `example_inputs` is a tuple of args, a dict of kwargs, or an object with `.args`/`.kwargs`;
     `calibration_inputs` (same forms) default to the example at timesteps spread over the schedule.
     Overrides such as `target_bits=1.99` replace recipe fields. The recipe and its layer names are
     validated before any pass runs; `model` is never modified. A recipe with `qat` settings trains
-    on `training_data` (a DiffusionData), in one process or under torchrun.
+    on `training_data` (a DiffusionData), in one process or under torchrun; with `checkpoint_dir` its
+    training passes write checkpoints there, and `resume` continues from them.
     """
     recipe = make_recipe(recipe, **overrides)
     model = check_model(model, example_inputs)  # ModelError for bad weights or inputs; an eval copy if training
@@ -68,7 +71,7 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
         graph.calibration = spread_timesteps(example, t_name, count) if t_name else [example]
     keep_names = [k for k in recipe.keep if k not in SPECIAL]
     resolve_keep(graph, keep_names)  # raises RecipeError for an unknown layer name before any work
-    context = PassContext(training_data=training_data)
+    context = PassContext(training_data=training_data, checkpoint_dir=checkpoint_dir, resume=resume)
     new_graph, report = Pipeline(recipe.passes(), verify=verify).run(graph, context)
     summary = {"recipe": recipe.name, "weights_only_bits": weights_only_bits(new_graph),
                "model_params": sum(p.numel() for p in model.parameters())}
@@ -114,4 +117,12 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
     return _load(directory, model)
 
 
-__all__ = ["CompressResult", "RecipeError", "compress", "load", "save"]
+def load_trainable(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Return an artifact's model with its packed low-bit layers as fake-quant layers at the stored weights
+    and scales, ready to train (freezing them again untrained gives the same codes)."""
+    loaded = _load(directory, model)
+    unfreeze(loaded)
+    return loaded
+
+
+__all__ = ["CompressResult", "RecipeError", "compress", "load", "load_trainable", "save"]

@@ -1,4 +1,4 @@
-"""The `fxpress` command: compress, inspect, export, bench, profile, zoo."""
+"""The `fxpress` command: compress, distill, inspect, export, bench, profile, zoo."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fxpress.cli_bench import add_bench_parser
+from fxpress.cli_distill import add_distill_parser
 from fxpress.cli_export import add_export_parser
 from fxpress.errors import FxpressError, RecipeError
 from fxpress.output import quiet, set_quiet
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer table of an artifact")
     i.add_argument("dir")
     i.set_defaults(func=_inspect)
+    add_distill_parser(sub, console, _print_report)
     add_export_parser(sub, console)
     add_bench_parser(sub, console)
 

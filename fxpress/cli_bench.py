@@ -37,8 +37,30 @@ def _testbed_of(name: str) -> str | None:
     return entry.testbed if isinstance(entry, TestbedEntry) else None
 
 
-def resolve_model(name: str, testbed: str | None):
-    """Return (testbed name, denoiser, label) for a testbed zoo name or an artifact directory."""
+def _sampler(manifest: dict, steps: int | None, guidance: float | None, path: Path):
+    """Return the sampler an artifact records (None: the testbed's DDIM), at --steps / --guidance where the
+    model allows them (a guidance-distilled model samples on any grid; a step-distilled one on its own)."""
+    from dataclasses import replace
+
+    from fxpress.ir.sampler import SamplerSpec, trailing_timesteps
+
+    if not manifest.get("sampler"):
+        return None
+    spec = SamplerSpec.from_json(manifest["sampler"])
+    if steps is not None and steps != spec.steps:
+        if spec.notes.get("method") in ("progressive", "adversarial"):
+            raise FxpressError(f"{path} was distilled to sample in {spec.steps} steps; --steps {steps} would "
+                               "sample it on a grid it was not trained for")
+        spec = spec.with_timesteps(trailing_timesteps(len(spec.alphas_cumprod), steps))
+    if guidance is not None:
+        if spec.guidance == "none":
+            raise FxpressError(f"{path} folded guidance {spec.guidance_scale} into its weights; it takes no --guidance")
+        spec = replace(spec, guidance_scale=guidance)
+    return spec
+
+
+def resolve_model(name: str, testbed: str | None, steps: int | None = None, guidance: float | None = None):
+    """Return (testbed name, denoiser, label, sampler or None) for a testbed zoo name or an artifact directory."""
     from fxpress.frontends import zoo
     from fxpress.testbed.specs import TESTBEDS
 
@@ -54,13 +76,13 @@ def resolve_model(name: str, testbed: str | None):
             raise FxpressError(f"{path} was not made from a testbed model (its model is {origin or 'unknown'!r}); "
                                f"pass --testbed {'|'.join(TESTBEDS)}")
         bits = manifest.get("summary", {}).get("weights_only_bits")
-        label = f"{path.name}" + (f" ({bits:.2f} bits)" if bits else "")
-        return testbed, load(path), label
+        label = f"{path.name}" + (f" ({bits:.2f} bits)" if bits and bits == bits else "")
+        return testbed, load(path), label, _sampler(manifest, steps, guidance, path)
     if name in zoo.ZOO:
         own = _testbed_of(name)
         if own is None:
             raise FxpressError(f"zoo model {name!r} is untrained (random weights); quality needs a testbed model")
-        return testbed or own, zoo.get(name).build(), f"{name} (fp32)"
+        return testbed or own, zoo.get(name).build(), f"{name} (fp32)", None
     raise FxpressError(f"{name!r} is neither an artifact directory nor a testbed zoo model")
 
 
@@ -71,29 +93,35 @@ def run_quality(args: argparse.Namespace, console: Console) -> int:
     from fxpress.testbed.models import load_testbed
     from fxpress.testbed.quality import evaluate
 
-    resolved = [resolve_model(m, args.testbed) for m in args.models]
-    names = {t for t, _, _ in resolved}
+    resolved = [resolve_model(m, args.testbed, args.steps, args.guidance) for m in args.models]
+    names = {t for t, _, _, _ in resolved}
     if len(names) > 1:
         raise FxpressError(f"the models come from different testbeds {sorted(names)}; compare one at a time")
     testbed = load_testbed(names.pop())
     table = Table(title=f"quality on the {testbed.spec.name} testbed")
-    for col in ("model", "sample accuracy", "Fréchet distance", "denoising MSE", "samples", "seconds"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    for col in ("model", "sampler", "calls/image", "sample accuracy", "Fréchet distance", "denoising MSE",
+                "samples", "seconds"):
+        table.add_column(col, justify="left" if col in ("model", "sampler") else "right")
     panels, results = {}, {}
-    for _, model, label in resolved:
+    for _, model, label, sampler in resolved:
         with console.status(f"sampling {label} …"):
             quality, images = evaluate(testbed, model, per_prompt=args.per_prompt, seed=args.seed,
-                                       steps=args.steps, guidance=args.guidance)
+                                       steps=args.steps, guidance=args.guidance, sampler=sampler)
         per_factor = ", ".join(f"{k} {v:.1%}" for k, v in quality.factor_accuracy.items())
-        table.add_row(label, f"{quality.accuracy:.1%}" + (f" ({per_factor})" if len(quality.factor_accuracy) > 1
-                                                          else ""),
+        steps = quality.settings["steps"]
+        calls = steps * (sampler.calls_per_step if sampler is not None else 2)
+        how = (f"{steps} steps, guidance {sampler.guidance} {sampler.guidance_scale:g}" if sampler is not None
+               else f"DDIM {steps} steps, CFG {quality.settings['guidance']:g}")
+        table.add_row(label, how, str(calls),
+                      f"{quality.accuracy:.1%}" + (f" ({per_factor})" if len(quality.factor_accuracy) > 1 else ""),
                       f"{quality.frechet:.3f}", f"{quality.denoise_mse:.5f}", str(quality.samples),
                       f"{quality.seconds:.1f}")
         panels[label], results[label] = images, quality.to_json()
     console.print(table)
     s = quality.settings
-    console.print(f"DDIM {s['steps']} steps, CFG {s['guidance']}, seeds {s['seed']}..; Fréchet distance on the "
-                  f"classifier's features against {s['heldout']} held-out images")
+    console.print(f"seeds {s['seed']}..; Fréchet distance on the classifier's features against {s['heldout']} "
+                  "held-out images; a distilled model samples with its own sampler (its denoising MSE is not "
+                  "measured: it was trained for its own timesteps only)")
     prompts = [text for text, _ in testbed.spec.prompts()]
     png = Path(args.png or "samples.png")
     png.parent.mkdir(parents=True, exist_ok=True)

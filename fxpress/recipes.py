@@ -250,6 +250,7 @@ class DistillRecipe:
     codec: str = "rans"
     keep: tuple[str, ...] = ()
     calibration: int = 4
+    low_bit_student: bool = False  # the model arrives fake-quantized (fxpress.load_trainable): freeze it at the end
     version: int = RECIPE_VERSION
 
     trains: ClassVar[bool] = True
@@ -284,6 +285,8 @@ class DistillRecipe:
             raise RecipeError("target_bits and qat need a quantization stage: set quantize = 'bitsfusion' or "
                               "'uniform'")
         if self.quantize is not None:
+            if self.low_bit_student:
+                raise RecipeError("the model is low-bit already (an artifact): leave quantize unset")
             self.quantize_recipe()
         return self
 
@@ -297,7 +300,7 @@ class DistillRecipe:
         [freeze into low-bit layers and the rest of the quantization recipe]."""
         stages = [STAGES[m](replace(self.distill, method=m)) for m in self.stages]
         if self.quantize is None:
-            return stages
+            return [*stages, FreezeQuantized()] if self.low_bit_student else stages
         before, after = [], []
         for p in self.quantize_recipe().passes():
             if isinstance(p, (QuantizeWeights, InsertFakeQuant)):
@@ -430,7 +433,7 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
     if "qat" in data:
         data["qat"] = QATConfig.of(data["qat"])
     if "distill" in data:
-        data["distill"] = DistillConfig.of(data["distill"])
+        data["distill"] = DistillConfig.of(data["distill"], check=False)  # checked per stage by validate()
     if data.get("budget_bytes") is not None and "target_bits" not in data:
         data["target_bits"] = None
     try:

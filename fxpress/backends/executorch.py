@@ -132,6 +132,37 @@ def _check_operators(program) -> list[str]:
     return sorted(set(used))
 
 
+def _one_use_per_constant():
+    """An ExecuTorch edge pass giving each weight placeholder used by several nodes one placeholder per user
+    (all naming the same weight). Without it, lowering copies each weight shared across delegates and
+    revalidates the whole program per copy: minutes for an unrolled sampler, whose N steps share every
+    weight. XNNPACK and the emitter store constants by content hash, so the file holds each weight once."""
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+    from executorch.exir.pass_manager import ExportedProgramPassManager
+    from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+    class OneUsePerConstant(ExportedProgramPassBase):
+        def call(self, program: torch.export.ExportedProgram) -> ExportedProgramPassResult:
+            graph, specs, modified = program.graph, [], False
+            placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+            for node, spec in zip(placeholders, program.graph_signature.input_specs, strict=True):
+                users = list(node.users)
+                if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                    for i, user in enumerate(users[1:], start=1):
+                        with graph.inserting_before(node):
+                            copy = graph.placeholder(f"{node.name}_use{i}")
+                        copy.meta.update(node.meta)
+                        user.replace_input_with(node, copy)
+                        specs.append(InputSpec(spec.kind, TensorArgument(copy.name), spec.target, spec.persistent))
+                        modified = True
+                specs.append(spec)
+            program.graph_signature.input_specs = specs
+            program.graph_module.recompile()
+            return ExportedProgramPassResult(program, modified)
+
+    return ExportedProgramPassManager([OneUsePerConstant()])
+
+
 def export_executorch(target: Any, example_inputs: Any, path: str | Path, model: Any = None,
                       weights: str = "lowbit") -> ExecuTorchReport:
     """Export a compressed model (artifact directory, Graph, CompressResult or module) to an XNNPACK .pte file.
@@ -151,7 +182,8 @@ def export_executorch(target: Any, example_inputs: Any, path: str | Path, model:
     except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; all mean "cannot capture"
         raise LoweringError(f"torch.export could not capture {type(module).__name__}: {_clean(exc)}") from exc
     try:
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        edge = to_edge_transform_and_lower(exported, transform_passes=_one_use_per_constant(),
+                                           partitioner=[XnnpackPartitioner()])
         program = edge.to_executorch()
     except Exception as exc:  # noqa: BLE001 - lowering errors come from many layers of ExecuTorch
         where = locate_refused_op(str(exc), exported)

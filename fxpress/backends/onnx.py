@@ -118,6 +118,7 @@ def rewrite_lowbit_nodes(model, int2: bool = True) -> list[OnnxLayer]:
     dropped: set[str] = set()
     layers: list[OnnxLayer] = []
     nodes = []
+    stored: dict[tuple[str, str], tuple[str, int]] = {}  # (packed, scale) -> initializer prefix, axis
     for node in graph.node:
         if node.domain != DOMAIN:
             nodes.append(node)
@@ -125,27 +126,33 @@ def rewrite_lowbit_nodes(model, int2: bool = True) -> list[OnnxLayer]:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         x, packed_name, scale_name = node.input[:3]
         bias = node.input[3] if len(node.input) > 3 and node.input[3] else ""
-        if packed_name not in initializers or scale_name not in initializers:
-            raise LoweringError(f"ONNX node {node.name!r}: packed weights or scales are not constants")
-        packed = numpy_helper.to_array(initializers[packed_name]).copy()
-        scale = numpy_helper.to_array(initializers[scale_name]).astype(np.float32)
-        if scale.ndim != 1:
-            raise LoweringError(f"ONNX node {node.name!r}: group-wise scales are not exported yet")
         is_linear = node.op_type == "LowBitLinear"
-        cols = attrs["in_features"] if is_linear else int(np.prod(attrs["weight_shape"][1:]))
-        codes = unpack_words(torch.from_numpy(packed), attrs["width"], cols).numpy().astype(np.int32)
-        codes -= attrs["offset"]
         prefix, start = f"{node.name}_dq", len(nodes)
-        if is_linear:
-            weight, axis = np.ascontiguousarray(codes.T), 1   # (K, N) for x @ W
-        else:
-            weight, axis = codes.reshape(attrs["weight_shape"]), 0
-        quantized, label = _quantized_initializer(f"{prefix}_codes", weight, int2)
-        zero = numpy_helper.from_array(np.zeros(scale.shape, dtype=numpy_helper.to_array(quantized).dtype),
-                                       f"{prefix}_zero")
-        graph.initializer.extend([quantized, numpy_helper.from_array(scale, f"{prefix}_scale"), zero])
-        dropped.update({packed_name, scale_name})
-        nodes.append(helper.make_node("DequantizeLinear", [quantized.name, f"{prefix}_scale", zero.name],
+        shared = stored.get((packed_name, scale_name))   # a layer called again (an unrolled sampler's steps)
+        if shared is None:
+            if packed_name not in initializers or scale_name not in initializers:
+                raise LoweringError(f"ONNX node {node.name!r}: packed weights or scales are not constants")
+            packed = numpy_helper.to_array(initializers[packed_name]).copy()
+            scale = numpy_helper.to_array(initializers[scale_name]).astype(np.float32)
+            if scale.ndim != 1:
+                raise LoweringError(f"ONNX node {node.name!r}: group-wise scales are not exported yet")
+            cols = attrs["in_features"] if is_linear else int(np.prod(attrs["weight_shape"][1:]))
+            codes = unpack_words(torch.from_numpy(packed), attrs["width"], cols).numpy().astype(np.int32)
+            codes -= attrs["offset"]
+            if is_linear:
+                weight, axis = np.ascontiguousarray(codes.T), 1   # (K, N) for x @ W
+            else:
+                weight, axis = codes.reshape(attrs["weight_shape"]), 0
+            quantized, label = _quantized_initializer(f"{prefix}_codes", weight, int2)
+            zero = numpy_helper.from_array(np.zeros(scale.shape, dtype=numpy_helper.to_array(quantized).dtype),
+                                           f"{prefix}_zero")
+            graph.initializer.extend([quantized, numpy_helper.from_array(scale, f"{prefix}_scale"), zero])
+            dropped.update({packed_name, scale_name})
+            stored[(packed_name, scale_name)] = shared = (prefix, axis)
+            layers.append(OnnxLayer(_module_path(node), "linear" if is_linear else "conv2d", attrs["width"], label,
+                                    quantized.ByteSize() + scale.nbytes + zero.ByteSize()))
+        source, axis = shared
+        nodes.append(helper.make_node("DequantizeLinear", [f"{source}_codes", f"{source}_scale", f"{source}_zero"],
                                       [f"{prefix}_weight"], name=f"{prefix}", axis=axis))
         if is_linear:
             product = node.output[0] if not bias else f"{node.name}_matmul"
@@ -160,8 +167,6 @@ def rewrite_lowbit_nodes(model, int2: bool = True) -> list[OnnxLayer]:
         scopes = [p for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
         for new in nodes[start:]:
             new.metadata_props.extend(scopes)
-        layers.append(OnnxLayer(_module_path(node), "linear" if is_linear else "conv2d", attrs["width"], label,
-                                quantized.ByteSize() + scale.nbytes + zero.ByteSize()))
     del graph.node[:]
     graph.node.extend(nodes)
     used = {name for n in graph.node for name in n.input}
@@ -207,11 +212,58 @@ def store_exact_fp16(model, min_elements: int = 1024) -> int:
     return saved
 
 
-DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+def _all_nodes(graph):
+    """Every node of `graph` and of the subgraphs its nodes hold (If, Loop, Scan bodies)."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                yield from _all_nodes(sub)
+
+
+def share_equal_initializers(model) -> int:
+    """Keep one of each set of initializers equal in type, shape and values, and point every use at it.
+
+    The exporter's optimizer folds what it can per use: a weight used in each step of an unrolled sampler
+    (transposed for MatMul, say) becomes one folded constant per step. Returns the bytes saved.
+    """
+    import hashlib
+
+    from onnx import numpy_helper
+
+    graph = model.graph
+    outside = {v.name for v in (*graph.input, *graph.output)}
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    kept, saved = [], 0
+    for tensor in graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(values.tobytes()).hexdigest())
+        if key in first and tensor.name not in outside:
+            rename[tensor.name] = first[key]
+            saved += values.nbytes
+            continue
+        first.setdefault(key, tensor.name)
+        kept.append(tensor)
+    if rename:
+        for node in _all_nodes(graph):
+            for i, name in enumerate(node.input):
+                node.input[i] = rename.get(name, name)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return saved
+
+
+# the exporter's per-node stack traces, FX text and module class paths (name scopes stay: they name layers)
+DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy",
+                  "namespace")
 
 
 def _drop_debug_metadata(model) -> None:
-    """Remove the exporter's per-node stack traces and FX text (a fifth of a small model's file)."""
+    """Remove the exporter's per-node debug metadata (DEBUG_METADATA: a fifth of a small model's file)."""
     for node in model.graph.node:
         kept = [p for p in node.metadata_props if p.key not in DEBUG_METADATA]
         del node.metadata_props[:]
@@ -285,6 +337,7 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
         module.train(was_training)
     proto = program.model_proto
     layers = rewrite_lowbit_nodes(proto, int2)
+    share_equal_initializers(proto)
     store_exact_fp16(proto)
     _drop_debug_metadata(proto)
     path = Path(path)

@@ -236,5 +236,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
     with restored_on_failure(skeleton) if isinstance(model, nn.Module) else nullcontext():
         decode_seconds = _fill(skeleton, manifest, tensors)
     skeleton.eval()
+    if manifest.get("sampler"):
+        skeleton.fxpress_sampler = manifest["sampler"]  # the sampler a distilled model was trained for
     skeleton.fxpress_load_seconds = {"total": time.perf_counter() - start, "decode": decode_seconds}
     return skeleton

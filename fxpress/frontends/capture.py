@@ -62,4 +62,9 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
     finally:
         for handle in handles:
             handle.remove()
-    return Graph.from_export(model, exported, Inputs(tuple(args), kwargs), calibration, describe_source(model))
+    graph = Graph.from_export(model, exported, Inputs(tuple(args), kwargs), calibration, describe_source(model))
+    if isinstance(getattr(model, "wrapped", None), nn.Module) and callable(getattr(model, "describe", None)):
+        graph.extras["wrapper"] = model.describe()  # e.g. a guidance input: saved so loading rebuilds it
+    if isinstance(getattr(model, "fxpress_sampler", None), dict):
+        graph.extras["sampler"] = model.fxpress_sampler  # a loaded distilled model keeps its own sampler
+    return graph

@@ -13,7 +13,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def describe_source(model: nn.Module) -> dict[str, Any]:
-    """Return {'library', 'class', 'config'} for diffusers/transformers models, else a generic entry."""
+    """Return {'library', 'class', 'config'} for diffusers/transformers models, else a generic entry; a
+    wrapper that adds inputs (`model.wrapped`, e.g. a guidance input) is described by the model inside."""
+    inner = getattr(model, "wrapped", None)
+    if isinstance(inner, nn.Module):
+        return describe_source(inner)
     cls = type(model)
     name = f"{cls.__module__}:{cls.__qualname__}"
     try:

@@ -77,6 +77,11 @@ class GuidanceConditioned(nn.Module):
         setattr(host, leaf, WithGuidance(original, GuidanceEmbedding(width, features, scale), slot))
 
     @property
+    def wrapped(self) -> nn.Module:
+        """The model inside (what an artifact's source describes)."""
+        return self.model
+
+    @property
     def embedding(self) -> GuidanceEmbedding:
         return self.model.get_submodule(self.site).embedding
 

@@ -117,6 +117,7 @@ class TrainingPass(Pass):
             param_groups: list[dict[str, Any]], *, stage: str = "", **options: Any) -> dict[str, Any]:
         """Run `train_student` for this pass (checkpoints under the context's folder, named by pass and stage)."""
         folder = context.checkpoint_for(self.name + (f"-{stage}" if stage else ""))
+        options.setdefault("checkpoint_every", 100)
         report = train_student(student, make_loss, steps, param_groups, checkpoint_dir=folder,
                                resume=context.resume, **options)
         report.pop("losses")

@@ -84,10 +84,11 @@ class DistillConfig:
         return self
 
     @staticmethod
-    def of(value: Any) -> DistillConfig:
-        """Return a validated DistillConfig from a dict (a TOML [distill] table) or a DistillConfig."""
+    def of(value: Any, check: bool = True) -> DistillConfig:
+        """Return a DistillConfig from a dict (a TOML [distill] table) or a DistillConfig, validated unless
+        `check` is False (a recipe validates it once per stage, each with its own method)."""
         if isinstance(value, DistillConfig):
-            return value.validate()
+            return value.validate() if check else value
         if not isinstance(value, dict):
             raise RecipeError(f"distill settings must be a table, got {type(value).__name__}")
         known = {f.name for f in fields(DistillConfig)}
@@ -96,6 +97,7 @@ class DistillConfig:
             raise RecipeError(f"unknown distill field(s) {unknown}; known: {sorted(known)}")
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
         try:
-            return DistillConfig(**data).validate()
+            config = DistillConfig(**data)
         except TypeError as exc:
             raise RecipeError(f"invalid distill settings: {exc}") from exc
+        return config.validate() if check else config

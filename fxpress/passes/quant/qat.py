@@ -136,9 +136,9 @@ class TrainQuantized(TrainingPass):
 
 
 class FreezeQuantized(Pass):
-    """Swap each fake-quant layer for its packed low-bit twin; the report gives the output change (~0)."""
+    """Swap each fake-quant layer for its packed low-bit twin; the report gives the output change (~0).
+    Needs no earlier pass: a model loaded with `fxpress.load_trainable` arrives fake-quantized."""
 
-    requires = ("fake_quant",)
     provides = ("quantized",)
     transforms = True
 
