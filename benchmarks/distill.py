@@ -168,7 +168,7 @@ def main() -> None:
             for steps in ((4, 2, 1) if kind == "teacher" else (4,)):
                 net, spec, info = distill(entry, model, example, data, "adversarial", work / f"adv-{kind}{steps}",
                                           distill={**common, "steps": steps, "teacher_steps": 25,
-                                                   "discriminator": kind, "train_steps": args.train_steps * 2})
+                                                   "discriminator": kind, "train_steps": args.train_steps})
                 row(f"adversarial {steps} ({kind} discriminator)", steps, spec_draw(spec, net), info)
     if "combo" in rows:
         source = work / "progressive4"

@@ -293,6 +293,8 @@ class DistillRecipe:
     def quantize_recipe(self) -> BitsFusionRecipe | UniformRecipe:
         """Return the validated quantization recipe whose fake-quantized model is distilled."""
         settings = {} if self.target_bits is None else {"target_bits": self.target_bits}
+        if "guidance" in self.stages and self.quantize == "bitsfusion":
+            settings["cache_time_embedding"] = False  # the guidance input is added to the time embedding's output
         return replace(RECIPES[self.quantize](), codec=self.codec, qat=self.qat, **settings).validate()
 
     def passes(self) -> list[Pass]:

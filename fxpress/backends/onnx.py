@@ -262,10 +262,15 @@ DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.t
                   "namespace")
 
 
-def _drop_debug_metadata(model) -> None:
-    """Remove the exporter's per-node debug metadata (DEBUG_METADATA: a fifth of a small model's file)."""
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def _drop_debug_metadata(model, names: bool = False) -> None:
+    """Remove the exporter's per-node debug metadata (DEBUG_METADATA: a fifth of a small model's file), and
+    with `names` the module path of every node too."""
+    dropped = (*DEBUG_METADATA, NAME_SCOPES) if names else DEBUG_METADATA
     for node in model.graph.node:
-        kept = [p for p in node.metadata_props if p.key not in DEBUG_METADATA]
+        kept = [p for p in node.metadata_props if p.key not in dropped]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
 
@@ -313,10 +318,12 @@ def _export_failure(exc: BaseException) -> str:
 
 
 def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any = None,
-                int2: bool = True) -> OnnxReport:
+                int2: bool = True, node_names: bool = True) -> OnnxReport:
     """Export a compressed model (artifact directory, Graph, CompressResult or module) to an ONNX file.
 
     `int2=False` keeps the file at opset 21 (INT4 at the narrowest), for runtimes without opset 25.
+    `node_names=False` leaves out each node's module path (half the graph bytes of an unrolled sampler,
+    whose steps repeat one network's nodes).
     `example_inputs` are the forward's inputs (an object with .args/.kwargs, a dict of kwargs, or a
     tuple of args). The file (and `<file>.data` for models over protobuf's 2 GB) appears only once it
     has passed onnx.checker; nothing is left behind on failure.
@@ -339,7 +346,7 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
     layers = rewrite_lowbit_nodes(proto, int2)
     share_equal_initializers(proto)
     store_exact_fp16(proto)
-    _drop_debug_metadata(proto)
+    _drop_debug_metadata(proto, names=not node_names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     external = proto.ByteSize() > PROTOBUF_LIMIT

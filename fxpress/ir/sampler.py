@@ -105,6 +105,8 @@ class SamplerSpec:
         loop gives the same samples as `DDIMScheduler.step`."""
         from diffusers import DDIMScheduler
 
+        if not isinstance(steps, int) or steps < 1:
+            raise FxpressError(f"sampler: the step count must be a positive integer, got {steps!r}")
         ddim = DDIMScheduler.from_config(scheduler.config)
         ddim.set_timesteps(steps)
         ts = [int(t) for t in ddim.timesteps]
@@ -168,6 +170,8 @@ def guided_output(spec: SamplerSpec, model: Any, x: torch.Tensor, t: torch.Tenso
         return _first_tensor(model(**kw))
     if not isinstance(w, torch.Tensor):
         w = torch.full((x.shape[0],), float(w), dtype=x.dtype, device=x.device)
+    elif w.numel() == 1:
+        w = w.to(x.dtype).reshape(1).expand(x.shape[0])
     if spec.guidance == "embedded":
         return _first_tensor(model(**kw, **{spec.guidance_input: w}))
     if uncond is None:
