@@ -22,6 +22,8 @@ THIRD_PARTY_NOISE: tuple[tuple[str, str], ...] = (
     ("torchao", "Failed to load "),  # prebuilt kernels for other Python/CUDA builds (mxfp8, cutlass)
     ("torch.utils._pytree", "%s is an Enum subclass"),  # torchao registers Enums the deprecated way
     ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    # the ONNX exporter lists torchvision's ops it skips, once per export, though no model here uses them
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
 )
 
 

@@ -255,3 +255,20 @@ def test_a_distillation_round_under_torchrun_matches_one_process(tmp_path):
     norm = sum(float(a.square().sum()) for a, _ in pairs)
     print(f"relative L2 distance between the 1- and 2-process students {(diff / norm) ** 0.5:.2e}")
     assert (diff / norm) ** 0.5 <= 1e-5
+
+
+def test_cli_distills_a_saved_low_bit_artifact_and_keeps_it_low_bit(tmp_path):
+    from fxpress.cli import main
+
+    low = tmp_path / "low"
+    assert main(["compress", "testbed-digits-unet", "--recipe", "uniform", "--target-bits", "4", "--no-verify",
+                 "--out", str(low)]) == 0
+    out = tmp_path / "low-2step"
+    assert main(["distill", str(low), "--method", "progressive", "--steps", "2", "--teacher-steps", "4",
+                 "--train-steps", "2", "--batch", "4", "--out", str(out)]) == 0
+    before = json.loads((low / "manifest.json").read_text())
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["lowbit_layers"].keys() == before["lowbit_layers"].keys()  # still low-bit, layer for layer
+    assert after["summary"]["model"] == "testbed-digits-unet" and after["sampler"]["timesteps"] == [999, 499]
+    assert [p["name"] for p in after["report"]] == ["ProgressiveDistill", "FreezeQuantized"]
+    assert main(["distill", str(low), "--quantize", "uniform", "--out", str(tmp_path / "again")]) == 2

@@ -152,7 +152,8 @@ class FreezeQuantized(Pass):
             spec = module.spec
             w2d = module.weight.reshape(module.weight.shape[0], -1).float()
             deq = codes.float() * scale.float().unsqueeze(1)
-            graph.annotation(path).weight_error = float((deq - w2d).norm() / w2d.norm().clamp_min(1e-30))
+            if path in graph.layers:  # a model captured fake-quantized shows no plain layer there
+                graph.annotation(path).weight_error = float((deq - w2d).norm() / w2d.norm().clamp_min(1e-30))
             replace_submodule(graph.module, path, lowbit_module(module, codes, scale, spec.qmin, spec.levels))
         after = graph.run()
         num = sum(float((a - b).square().sum()) for a, b in zip(output_tensors(before), output_tensors(after)))
