@@ -174,8 +174,9 @@ def main() -> None:
         source = work / "progressive4"
         if source.is_dir():
             net, spec, info = distill(entry, fxpress.load_trainable(source), example, data, "adversarial",
-                                      work / "prog-adv4", distill={**common, "steps": 4, "teacher_steps": 25,
-                                                                    "train_steps": args.train_steps})
+                                      work / "prog-adv4", teacher=model,
+                                      distill={**common, "steps": 4, "teacher_steps": 25,
+                                               "train_steps": args.train_steps})
             row("progressive 4 + adversarial", 4, spec_draw(spec, net), info)
     if "lowbit" in rows:
         net, spec, info = distill(entry, model, example, data, "progressive", work / "lowbit4",

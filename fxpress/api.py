@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,7 @@ class CompressResult:
 def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", *,
              calibration_inputs: list[Any] | None = None, verify: bool = True,
              training_data: DiffusionData | None = None, checkpoint_dir: str | Path | None = None,
-             resume: bool = False, **overrides: Any) -> CompressResult:
+             resume: bool = False, teacher: nn.Module | None = None, **overrides: Any) -> CompressResult:
     """Capture `model`, run the recipe's passes on a copy and return a CompressResult.
 
     `example_inputs` is a tuple of args, a dict of kwargs, or an object with `.args`/`.kwargs`;
@@ -55,7 +56,8 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
     Overrides such as `target_bits=1.99` replace recipe fields. The recipe and its layer names are
     validated before any pass runs; `model` is never modified. A recipe with `qat` settings trains
     on `training_data` (a DiffusionData), in one process or under torchrun; with `checkpoint_dir` its
-    training passes write checkpoints there, and `resume` continues from them.
+    training passes write checkpoints there, and `resume` continues from them. Training passes distil
+    from `teacher` (default: `model` as given), e.g. the original model when `model` is a distilled student.
     """
     recipe = make_recipe(recipe, **overrides)
     model = check_model(model, example_inputs)  # ModelError for bad weights or inputs; an eval copy if training
@@ -71,7 +73,9 @@ def compress(model: nn.Module, example_inputs: Any, recipe: Any = "bitsfusion", 
         graph.calibration = spread_timesteps(example, t_name, count) if t_name else [example]
     keep_names = [k for k in recipe.keep if k not in SPECIAL]
     resolve_keep(graph, keep_names)  # raises RecipeError for an unknown layer name before any work
-    context = PassContext(training_data=training_data, checkpoint_dir=checkpoint_dir, resume=resume)
+    if teacher is not None:  # a frozen copy: training passes move it and switch its gradients off
+        teacher = copy.deepcopy(check_model(teacher, example_inputs)).eval().requires_grad_(False)
+    context = PassContext(training_data=training_data, checkpoint_dir=checkpoint_dir, resume=resume, teacher=teacher)
     new_graph, report = Pipeline(recipe.passes(), verify=verify).run(graph, context)
     summary = {"recipe": recipe.name, "weights_only_bits": weights_only_bits(new_graph),
                "model_params": sum(p.numel() for p in model.parameters())}

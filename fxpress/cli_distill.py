@@ -35,6 +35,9 @@ def add_distill_parser(sub, console: Console, report) -> None:
                    help="distil a fake-quantized student and freeze it into low-bit layers")
     d.add_argument("--target-bits", type=float, default=None, help="with --quantize: bits per quantized weight")
     d.add_argument("--recipe", default=None, help="a distill recipe .toml (flags given here override it)")
+    d.add_argument("--teacher", default=None,
+                   help="the model to distil from (zoo name or model folder; default: MODEL itself), e.g. the "
+                        "original testbed when MODEL is an artifact distilled already")
     d.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the checkpoints beside --out (OUT.checkpoints)")
     d.add_argument("--seed", type=int, default=0)
@@ -103,8 +106,10 @@ def run_distill(args: argparse.Namespace, console: Console, report) -> int:
     checkpoints = Path(f"{args.out}.checkpoints")
     if args.resume and not checkpoints.is_dir():
         raise FxpressError(f"--resume: no checkpoints at {checkpoints} (a run with the same --out writes them)")
+    teacher = resolve_model(args.teacher).build(seed=args.seed) if args.teacher else None
     result = compress(model, example, recipe, calibration_inputs=entry.calibration_inputs(recipe.calibration),
-                      training_data=entry.training_data(), checkpoint_dir=checkpoints, resume=args.resume)
+                      training_data=entry.training_data(), checkpoint_dir=checkpoints, resume=args.resume,
+                      teacher=teacher)
     result.summary["model"] = origin
     result.summary["origin"] = entry.origin
     if int(os.environ.get("RANK", "0")) != 0:

@@ -272,3 +272,19 @@ def test_cli_distills_a_saved_low_bit_artifact_and_keeps_it_low_bit(tmp_path):
     assert after["summary"]["model"] == "testbed-digits-unet" and after["sampler"]["timesteps"] == [999, 499]
     assert [p["name"] for p in after["report"]] == ["ProgressiveDistill", "FreezeQuantized"]
     assert main(["distill", str(low), "--quantize", "uniform", "--out", str(tmp_path / "again")]) == 2
+
+
+def test_adversarial_after_progressive_samples_its_teacher_as_that_teacher_was_trained(digits, tmp_path):
+    model, example, data = digits
+    first = fxpress.compress(model, example, "distill", training_data=data, method="progressive",
+                             distill={"steps": 2, "teacher_steps": 4, **TINY})
+    fxpress.save(first, tmp_path / "p2", plot=False)
+    student = fxpress.load_trainable(tmp_path / "p2")
+    settings = {"method": "adversarial", "distill": {"steps": 2, "teacher_steps": 8, "regression_pool": 4, **TINY}}
+    flags = [p.requires_grad for p in model.parameters()]
+    alone = fxpress.compress(student, example, "distill", training_data=data, **settings)
+    assert alone.report.passes[0].details["teacher_steps"] == 2  # the student teaches itself on its own grid
+    taught = fxpress.compress(student, example, "distill", training_data=data, teacher=model, **settings)
+    assert taught.report.passes[0].details["teacher_steps"] == 8  # the original teacher, at the steps asked
+    assert taught.graph.extras["sampler"]["prediction"] == "v_prediction"
+    assert [p.requires_grad for p in model.parameters()] == flags  # the teacher given is not changed

@@ -41,8 +41,12 @@ class AdversarialDistill(TrainingPass):
 
     def _specs(self, graph: Graph, base: SamplerSpec, teacher) -> tuple[SamplerSpec, SamplerSpec]:
         cfg = self.config
-        teacher_spec = grid_spec(base, cfg.teacher_steps, guidance=guidance_mode(teacher),
-                                 guidance_scale=cfg.guidance_scale)
+        recorded_teacher = getattr(teacher, "fxpress_sampler", None)
+        if recorded_teacher:  # a distilled teacher (by default the model itself) samples only as it was trained
+            teacher_spec = SamplerSpec.from_json(recorded_teacher)
+        else:
+            teacher_spec = grid_spec(base, cfg.teacher_steps, guidance=guidance_mode(teacher),
+                                     guidance_scale=cfg.guidance_scale)
         student_mode = "embedded" if isinstance(graph.module, GuidanceConditioned) else "none"
         prediction = teacher_spec.prediction if cfg.prediction == "teacher" else cfg.prediction
         recorded = graph.extras.get("sampler")
@@ -118,4 +122,4 @@ class AdversarialDistill(TrainingPass):
         graph.extras["sampler"] = spec.to_json()
         return PassResult(graph, True, {**report, "sampler_steps": spec.steps, "calls_per_step": spec.calls_per_step,
                                         "discriminator": cfg.discriminator, "teacher_samples": cfg.regression_pool,
-                                        "teacher_steps": cfg.teacher_steps, "prediction": spec.prediction})
+                                        "teacher_steps": teacher_spec.steps, "prediction": spec.prediction})
