@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fxpress.errors import FxpressError
+from fxpress.ir.graph import output_tensors
 
 PREDICTIONS = ("epsilon", "v_prediction")
 GUIDANCE_MODES = ("cfg", "embedded", "none")
@@ -150,13 +151,10 @@ def ddim_step(spec: SamplerSpec, x: torch.Tensor, out: torch.Tensor, alpha: floa
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return _first_tensor(output[0])
-    if hasattr(output, "to_tuple"):
-        return _first_tensor(output.to_tuple())
-    raise FxpressError(f"the denoiser returned {type(output).__name__}, not a tensor")
+    tensors = output_tensors(output)
+    if not tensors:
+        raise FxpressError(f"the denoiser returned {type(output).__name__}, not a tensor")
+    return tensors[0]
 
 
 def guided_output(spec: SamplerSpec, model: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
