@@ -56,14 +56,19 @@ class NoisedBatch:
 
 def noised_batch(data: DiffusionData, gen: torch.Generator, size: int, *, timesteps: str = "uniform",
                  beta: tuple[float, float] = (3.0, 1.0), prompt_dropout: float = 0.0,
-                 guidance: tuple[float, float] = (1.0, 1.0)) -> NoisedBatch:
+                 guidance: tuple[float, float] = (1.0, 1.0), timesteps_first: bool = False) -> NoisedBatch:
     """Draw a batch of `size` rows with `gen`: samples and conditions, noise, timesteps (see
     `draw_timesteps`), conditions replaced by the unconditional one with probability `prompt_dropout`,
-    and guidance weights uniform in `guidance`. The draws happen in that order, always all of them, so
-    a batch depends only on the generator's seed and these settings."""
+    and guidance weights uniform in `guidance`. The draws happen in that order (timesteps before noise
+    with `timesteps_first`, the order KD recovery has always used), always all of them, so a batch
+    depends only on the generator's seed and these settings."""
     x0, cond = data.batch(gen, size)
-    noise = torch.randn(x0.shape, generator=gen)
-    t = draw_timesteps(gen, size, data.num_timesteps, timesteps, beta)
+    if timesteps_first:
+        t = draw_timesteps(gen, size, data.num_timesteps, timesteps, beta)
+        noise = torch.randn(x0.shape, generator=gen)
+    else:
+        noise = torch.randn(x0.shape, generator=gen)
+        t = draw_timesteps(gen, size, data.num_timesteps, timesteps, beta)
     drop = torch.rand(size, generator=gen) < prompt_dropout
     cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), data.unconditional.expand_as(cond), cond)
     w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(size, generator=gen)

@@ -13,7 +13,8 @@ from fxpress.training.objectives import kd_loss, noised_batch
 
 def recover(student: nn.Module, teacher: nn.Module, data: DiffusionData, steps: int, *, batch: int = 32,
             lr: float = 1e-4, feature_weight: float = 1.0, seed: int = 0) -> list[float]:
-    """Train `student` in place for `steps` steps on noised training samples at uniform timesteps,
+    """Train `student` in place for `steps` steps on noised training samples at uniform timesteps (drawn
+    before the noise, so recovery runs reproduce the batches of earlier releases),
     matching the frozen `teacher`'s noise prediction and block outputs (`kd_loss`, each feature MSE
     divided by the teacher's variance); return the losses."""
     if steps <= 0:
@@ -22,7 +23,7 @@ def recover(student: nn.Module, teacher: nn.Module, data: DiffusionData, steps: 
 
     def make_loss(model, ctx):
         def loss_fn(step: int):
-            b = noised_batch(data, step_generator(seed, step), batch).shard(ctx)
+            b = noised_batch(data, step_generator(seed, step), batch, timesteps_first=True).shard(ctx)
             target = data.predict(teacher, b.noisy, b.t, b.cond).detach()
             out = data.predict(model, b.noisy, b.t, b.cond)
             return kd_loss(out, target, taps_s.values, taps_t.values, feature_weight=feature_weight,
