@@ -92,10 +92,11 @@ def title(result: CompressResult) -> str:
 
 
 def save(result: CompressResult | Graph, directory: str | Path, overwrite: bool = False,
-         plot: bool = True) -> dict[str, Any]:
-    """Write the artifact for `result` to `directory` atomically; return its size summary.
+         plot: bool = True, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the artifact for `result` to `directory` atomically; return its size summary (`path`, `bytes`).
 
-    Raises ArtifactError if the directory exists (unless `overwrite`); nothing is left behind on failure.
+    `summary` is stored for a Graph (a CompressResult brings its own), e.g. the one of the artifact it came
+    from. Raises ArtifactError if the directory exists (unless `overwrite`); nothing is left behind on failure.
     """
     graph = result.graph if isinstance(result, CompressResult) else result
     codec = getattr(result.recipe, "codec", "rans") if isinstance(result, CompressResult) else "rans"
@@ -104,6 +105,8 @@ def save(result: CompressResult | Graph, directory: str | Path, overwrite: bool 
         payload["recipe"] = {"name": result.recipe.name, **asdict(result.recipe)}
         payload["report"] = result.report.to_json()
         payload["summary"] = result.summary
+    elif summary:
+        payload["summary"] = summary
     extra = None
     if plot and isinstance(result, CompressResult):
         extra = {"bits_per_layer.png": bits_per_layer_png(result.graph, title(result))}

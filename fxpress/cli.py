@@ -16,6 +16,7 @@ from rich.table import Table
 from fxpress.cli_bench import add_bench_parser
 from fxpress.cli_distill import add_distill_parser
 from fxpress.cli_export import add_export_parser
+from fxpress.cli_rewire import add_rewire_parsers
 from fxpress.errors import FxpressError, RecipeError
 from fxpress.output import quiet, set_quiet
 
@@ -135,12 +136,29 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             table.add_row(path, ann.get("keep_reason") or "fp", "-", "-", "-", "-", "-")
     console.print(table)
+    _print_branches(manifest)
     size = artifact_bytes(args.dir)
     summary = manifest.get("summary", {})
     console.print(f"{size / 1e6:,.2f} MB on disk; weight codes {total_bits / 8e6:,.2f} MB = "
                   f"{total_bits / max(total_w, 1):.4f} stored bits per quantized weight "
                   f"(allocated {summary.get('weights_only_bits', float('nan')):.4f})")
     return 0
+
+
+def _print_branches(manifest: dict) -> None:
+    """Print the artifact's branches: kind, role, scale, layers wrapped, parameters."""
+    branches = manifest.get("branches") or {}
+    if not branches:
+        return
+    table = Table(title="branches")
+    for col in ("branch", "kind", "role", "scale", "layers", "parameters", "fused", "detail"):
+        table.add_column(col, justify="left" if col in ("branch", "kind", "role", "detail") else "right")
+    for name, entry in branches.items():
+        detail = f"rank {entry['rank']}, alpha {entry['alpha']:g}" if entry["kind"] == "lora" else ""
+        layers = len(entry.get("targets", [])) + len(entry.get("merged", []))
+        table.add_row(name, entry["kind"], entry["role"], f"{entry['scale']:g}", str(layers),
+                      f"{entry.get('params', 0):,}", "yes" if entry.get("fused") else "no", detail)
+    console.print(table)
 
 
 def _profile(args: argparse.Namespace) -> int:
@@ -203,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.set_defaults(func=_inspect)
     add_distill_parser(sub, console, _print_report)
+    add_rewire_parsers(sub, console)
     add_export_parser(sub, console)
     add_bench_parser(sub, console)
 

@@ -24,6 +24,8 @@ from fxpress.passes.quant.qat_config import QATConfig
 from fxpress.passes.quant.quantize import QuantizeWeights, RoundToStorage
 from fxpress.passes.quant.select_layers import SelectLayers
 from fxpress.passes.quant.time_cache import CacheTimeEmbedding
+from fxpress.passes.rewire.lora import InsertLoRA
+from fxpress.passes.rewire.train import AdapterConfig, TrainBranches
 from fxpress.passes.sensitivity import MeasureSensitivity
 
 RECIPE_VERSION = 1
@@ -316,9 +318,47 @@ class DistillRecipe:
         return [*before, *stages, FreezeQuantized(), *after]
 
 
+@dataclass(frozen=True)
+class AdapterRecipe:
+    """Adapter training: a LoRA branch named `branch` (role "adapter" or "train_only") of rank `rank` on the
+    layers `lora` selects (`fxpress.ir.select`), trained on the denoising loss as `train` says (an
+    AdapterConfig: steps, batch, learning rates, EMA, base layers trained too)."""
+
+    name: ClassVar[str] = "adapter"
+    lora: tuple[str, ...] = (r"to_(q|k|v|out\.0)",)
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    branch: str = "lora"
+    role: str = "adapter"
+    train: AdapterConfig = field(default_factory=AdapterConfig)
+    keep: tuple[str, ...] = ()
+    calibration: int = 4
+    version: int = RECIPE_VERSION
+
+    trains: ClassVar[bool] = True
+
+    def validate(self) -> AdapterRecipe:
+        """Return self, or raise RecipeError naming the first invalid field."""
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version} is not supported (this fxpress: {RECIPE_VERSION})")
+        if not isinstance(self.train, AdapterConfig):
+            raise RecipeError(f"train must be an AdapterConfig or a table of its fields, got "
+                              f"{type(self.train).__name__}")
+        self.train.validate()
+        self.passes()  # rank, role, targets and the branch name are checked by the passes themselves
+        return self
+
+    def passes(self) -> list[Pass]:
+        """Return the passes: insert the LoRA branch, then train it."""
+        return [InsertLoRA(list(self.lora), self.rank, self.alpha, self.dropout, self.branch, self.role,
+                           seed=self.train.seed),
+                TrainBranches(self.train)]
+
+
 RECIPES: dict[str, type] = {"bitsfusion": BitsFusionRecipe, "uniform": UniformRecipe, "trilevel": TriLevelRecipe,
-                           "distill": DistillRecipe}
-Recipe = BitsFusionRecipe | UniformRecipe | TriLevelRecipe | DistillRecipe
+                           "distill": DistillRecipe, "adapter": AdapterRecipe}
+Recipe = BitsFusionRecipe | UniformRecipe | TriLevelRecipe | DistillRecipe | AdapterRecipe
 
 
 def _quantize(qat: QATConfig | None) -> list[Pass]:
@@ -378,6 +418,15 @@ def _checked_types(config: type, data: dict[str, Any], prefix: str = "") -> dict
     return out
 
 
+def _adapter_config(table: dict[str, Any]) -> AdapterConfig:
+    known = {f.name for f in fields(AdapterConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise RecipeError(f"unknown adapter training field(s) {unknown}; known: {sorted(known)}")
+    table = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+    return AdapterConfig(**_checked_types(AdapterConfig, table, "train."))
+
+
 def _fold_prune(base: TriLevelRecipe, data: dict[str, Any]) -> dict[str, Any]:
     """Flat pruning keys (cost = "flops", budget = 0.5, ...) and a [prune] table become one PruneConfig."""
     names = {f.name for f in fields(PruneConfig)} - {"keep"}  # keep stays the recipe's (it also protects layers)
@@ -420,7 +469,7 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
         if name not in RECIPES:
             raise RecipeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
         base = RECIPES[name]()
-    for table in ("qat", "distill"):  # --qat / --steps refine a recipe's table, not replace it
+    for table in ("qat", "distill", "train"):  # --qat / --steps refine a recipe's table, not replace it
         if isinstance(overrides.get(table), dict):
             earlier = data.get(table) or (vars(getattr(base, table)) if getattr(base, table, None) is not None else {})
             overrides = {**overrides, table: {**earlier, **overrides[table]}}
@@ -436,6 +485,8 @@ def make_recipe(spec: str | Path | dict[str, Any] | Recipe, **overrides: Any) ->
         data["qat"] = QATConfig.of(data["qat"])
     if "distill" in data:
         data["distill"] = DistillConfig.of(data["distill"], check=False)  # checked per stage by validate()
+    if isinstance(data.get("train"), dict):
+        data["train"] = _adapter_config(data["train"])
     if data.get("budget_bytes") is not None and "target_bits" not in data:
         data["target_bits"] = None
     try:

@@ -39,6 +39,7 @@ from fxpress.ir.graph import Inputs
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 
 WEIGHT_MODES = ("lowbit", "float")
+_decompose = False
 
 
 @dataclass
@@ -181,6 +182,9 @@ def export_executorch(target: Any, example_inputs: Any, path: str | Path, model:
         exported = torch.export.export(converted, tuple(inputs.args), kwargs=dict(inputs.kwargs), strict=False)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; all mean "cannot capture"
         raise LoweringError(f"torch.export could not capture {type(module).__name__}: {_clean(exc)}") from exc
+    if _decompose:
+        from fxpress.backends.executorch_decompose import decompose_for_xnnpack
+        exported = decompose_for_xnnpack(exported)
     try:
         edge = to_edge_transform_and_lower(exported, transform_passes=_one_use_per_constant(),
                                            partitioner=[XnnpackPartitioner()])

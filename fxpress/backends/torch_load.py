@@ -27,6 +27,7 @@ from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels import entropy
 from fxpress.kernels.bypass import Bypass, StreamArg
 from fxpress.kernels.guidance import GuidanceConditioned
+from fxpress.kernels.lora import LoRA
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.kernels.packing import unpack_radix
 from fxpress.kernels.timestep_table import TimestepTable, install_feeder
@@ -166,6 +167,22 @@ def _wrapped(skeleton: nn.Module, wrapper: dict[str, Any] | None) -> nn.Module:
         return GuidanceConditioned(skeleton, wrapper["site"], wrapper["width"], wrapper["features"], wrapper["scale"])
 
 
+def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> None:
+    """Put back the LoRA wrappers the artifact's branch registry records (weights come with the tensors)."""
+    for name, entry in (branches or {}).items():
+        if entry["kind"] != "lora":
+            raise ArtifactError(f"branch {name!r} is of kind {entry['kind']!r}, which this fxpress cannot rebuild")
+        for path in entry["targets"]:
+            base = _submodule(skeleton, path)
+            try:
+                with torch.device("meta"):
+                    wrapper = LoRA(base, entry["rank"], entry["alpha"], entry["dropout"], entry["scale"])
+            except ValueError as exc:
+                raise ArtifactError(f"branch {name!r} wraps {path!r}, which cannot take it: {exc}") from exc
+            wrapper.fused = bool(entry["fused"])
+            replace_submodule(skeleton, path, wrapper)
+
+
 def _submodule(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
@@ -234,8 +251,11 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
     manifest, tensors = read_artifact(directory)
     skeleton = _wrapped(_model_to_fill(model, manifest), manifest.get("wrapper"))
     with restored_on_failure(skeleton) if isinstance(model, nn.Module) else nullcontext():
+        _with_branches(skeleton, manifest.get("branches"))
         decode_seconds = _fill(skeleton, manifest, tensors)
     skeleton.eval()
+    if manifest.get("branches"):
+        skeleton.fxpress_branches = manifest["branches"]  # adapters and branches (set_branch_scale, strip, fuse)
     if manifest.get("sampler"):
         skeleton.fxpress_sampler = manifest["sampler"]  # the sampler a distilled model was trained for
     skeleton.fxpress_load_seconds = {"total": time.perf_counter() - start, "decode": decode_seconds}

@@ -86,7 +86,7 @@ def artifact_contents(graph: Graph, codec: str = "rans") -> tuple[dict[str, Any]
                "annotations": annotations, "inputs": input_spec(graph.example)}
     if graph.extras.get("structure"):
         payload["structure"] = graph.extras["structure"]  # pruning: blocks bypassed, module sizes changed
-    for key in ("wrapper", "sampler"):  # a guidance input; a distilled model's own sampler
+    for key in ("wrapper", "sampler", "branches"):  # a guidance input; a distilled model's sampler; adapters
         if graph.extras.get(key):
             payload[key] = graph.extras[key]
     return payload, tensors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import traceback
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from fxpress.errors import CaptureError
 from fxpress.frontends.model_source import describe_source
+from fxpress.ir.branches import mark_branches
 from fxpress.ir.graph import Graph, Inputs
 
 
@@ -67,4 +69,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = 
         graph.extras["wrapper"] = model.describe()  # e.g. a guidance input: saved so loading rebuilds it
     if isinstance(getattr(model, "fxpress_sampler", None), dict):
         graph.extras["sampler"] = model.fxpress_sampler  # a loaded distilled model keeps its own sampler
+    if isinstance(getattr(model, "fxpress_branches", None), dict):
+        graph.extras["branches"] = copy.deepcopy(model.fxpress_branches)  # a loaded model's adapters
+        mark_branches(graph)
     return graph

@@ -70,6 +70,30 @@ class Sensitivity:
     version: int = ANNOTATION_VERSION
 
 
+BRANCH_KINDS = ("lora", "image_adapter", "control")
+BRANCH_ROLES = ("adapter", "train_only")
+
+
+@dataclass
+class BranchSpec:
+    """A branch added beside the model: its name and kind, whether inference keeps it ("adapter") or it
+    exists only while training ("train_only", removed by StripBranches), and its output scale."""
+
+    name: str
+    kind: Literal["lora", "image_adapter", "control"]
+    role: Literal["adapter", "train_only"] = "adapter"
+    scale: float = 1.0
+    version: int = ANNOTATION_VERSION
+
+    def __post_init__(self) -> None:
+        if self.kind not in BRANCH_KINDS:
+            raise ValueError(f"branch kind must be one of {BRANCH_KINDS}, got {self.kind!r}")
+        if self.role not in BRANCH_ROLES:
+            raise ValueError(f"branch role must be one of {BRANCH_ROLES}, got {self.role!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"branch scale must be finite, got {self.scale}")
+
+
 def _rounded(value: Any) -> Any:
     if isinstance(value, float):
         return float(f"{value:.4g}") if math.isfinite(value) else value
@@ -87,6 +111,7 @@ class LayerAnnotation:
     sensitivity: dict[str, Sensitivity] = field(default_factory=dict)
     code_entropy: dict[str, float] = field(default_factory=dict)
     weight_error: float | None = None
+    branch: BranchSpec | None = None  # set on the layers of an inserted branch
     version: int = ANNOTATION_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -100,5 +125,7 @@ class LayerAnnotation:
             raise ValueError(f"annotation version {data['version']} is newer than {ANNOTATION_VERSION}")
         quant = QuantSpec(**data["quant"]) if data.get("quant") else None
         sens = {k: Sensitivity(**v) for k, v in data.get("sensitivity", {}).items()}
+        branch = BranchSpec(**data["branch"]) if data.get("branch") else None
         return LayerAnnotation(quant=quant, keep_reason=data.get("keep_reason"), sensitivity=sens,
-                               code_entropy=data.get("code_entropy", {}), weight_error=data.get("weight_error"))
+                               code_entropy=data.get("code_entropy", {}), weight_error=data.get("weight_error"),
+                               branch=branch)

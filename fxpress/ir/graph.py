@@ -79,7 +79,7 @@ class Graph:
         self.input_names = input_names or []
         self.provided: set[str] = {"layers"}
         self.extras: dict[str, Any] = {}
-        self.layers: dict[str, Layer] = find_layers(graph_module.graph, param_names)
+        self.layers: dict[str, Layer] = find_layers(graph_module.graph, param_names, self.buffer_names)
 
     def nodes_of(self, path: str) -> list[fx.Node]:
         """Return the graph nodes that call layer `path`."""

@@ -14,6 +14,14 @@ LAYER_OPS = {
     "aten.conv2d.default": "conv2d",
     "aten.conv3d.default": "conv3d",
 }
+# fxpress's low-bit ops (reference and Triton): (x, packed codes buffer, scale, bias, width, offset, in_features |
+# weight_shape, ...); a captured low-bit model's layers are these calls
+LOWBIT_OPS = {
+    "fxpress.lowbit_linear.default": "linear",
+    "fxpress.lowbit_conv2d.default": "conv2d",
+    "fxpress.lowbit_linear_triton.default": "linear",
+    "fxpress.lowbit_conv2d_triton.default": "conv2d",
+}
 
 
 @dataclass
@@ -50,26 +58,44 @@ def _itemsize(node: fx.Node) -> int:
     return val.element_size() if isinstance(val, torch.Tensor) else 4
 
 
-def find_layers(graph: fx.Graph, param_names: dict[str, str]) -> dict[str, Layer]:
+def _lowbit_weight_shape(node: fx.Node, kind: str) -> tuple[int, ...]:
+    if kind == "linear":
+        return (_shape(node.args[1])[0], int(node.args[6]))
+    return tuple(int(s) for s in node.args[6])
+
+
+def find_layers(graph: fx.Graph, param_names: dict[str, str],
+                buffer_names: dict[str, str] | None = None) -> dict[str, Layer]:
     """Return the weight-bearing layers of `graph`, keyed by module path, in execution order.
 
-    `param_names` maps placeholder names to parameter FQNs (torch.export's graph signature).
+    `param_names` maps placeholder names to parameter FQNs (torch.export's graph signature);
+    `buffer_names` to buffer FQNs, where fxpress's low-bit layers keep their packed codes.
     """
     layers: dict[str, Layer] = {}
     for node in graph.nodes:
-        kind = LAYER_OPS.get(str(node.target)) if node.op == "call_function" else None
+        target = str(node.target) if node.op == "call_function" else ""
+        kind = LAYER_OPS.get(target) or LOWBIT_OPS.get(target)
         if kind is None or len(node.args) < 2 or not isinstance(node.args[1], fx.Node):
             continue
-        fqn = param_names.get(node.args[1].name)
-        if fqn is None or not fqn.endswith(".weight"):
-            continue  # weight computed at run time, not a parameter: not a compressible layer
-        path = fqn[: -len(".weight")]
+        if target in LOWBIT_OPS:
+            fqn = (buffer_names or {}).get(node.args[1].name)
+            if fqn is None or not fqn.endswith(".packed"):
+                continue
+            path = fqn[: -len(".packed")]
+            w_shape = _lowbit_weight_shape(node, kind)
+        else:
+            fqn = param_names.get(node.args[1].name)
+            if fqn is None or not fqn.endswith(".weight"):
+                continue  # weight computed at run time, not a parameter: not a compressible layer
+            path = fqn[: -len(".weight")]
+            w_shape = _shape(node.args[1])
         in_node, w_node = node.args[0], node.args[1]
-        w_shape, out_shape = _shape(w_node), _shape(node)
+        out_shape = _shape(node)
         reduce = math.prod(w_shape[1:])
         flops = 2 * math.prod(out_shape) * reduce
-        has_bias = len(node.args) > 2 and node.args[2] is not None
-        nbytes = (math.prod(w_shape) * _itemsize(w_node) + math.prod(_shape(in_node)) * _itemsize(in_node)
+        bias_at = 3 if target in LOWBIT_OPS else 2
+        has_bias = len(node.args) > bias_at and node.args[bias_at] is not None
+        nbytes = (math.prod(_shape(w_node)) * _itemsize(w_node) + math.prod(_shape(in_node)) * _itemsize(in_node)
                   + math.prod(out_shape) * _itemsize(node))
         if path in layers:  # the same module called again: sum its costs
             layer = layers[path]

@@ -169,6 +169,34 @@ def _check_structure(f: _Fields, structure: Any) -> None:
                 f.integer(v, f"{where}.{attr}" + (f"[{i}]" if isinstance(value, list) else ""), 1)
 
 
+def _check_branch_spec(f: _Fields, spec: Any, where: str) -> None:
+    from fxpress.ir.annotations import BRANCH_KINDS, BRANCH_ROLES
+
+    spec = f.obj(spec, where)
+    f.text(spec.get("name"), f"{where}.name", IDENTIFIER)
+    f.text(spec.get("kind"), f"{where}.kind", choices=BRANCH_KINDS)
+    f.text(spec.get("role"), f"{where}.role", choices=BRANCH_ROLES)
+    f.number(spec.get("scale"), f"{where}.scale")
+
+
+def _check_branches(f: _Fields, branches: Any) -> None:
+    for name, entry in f.obj(branches, "branches", optional=True).items():
+        where = f"branches[{name!r}]"
+        entry = f.obj(entry, where)
+        _check_branch_spec(f, {**entry, "name": name}, where)
+        for key in ("targets", "merged"):
+            for i, target in enumerate(f.array(entry.get(key, []), f"{where}.{key}")):
+                f.text(target, f"{where}.{key}[{i}]", MODULE_PATH)
+        if entry.get("params") is not None:
+            f.integer(entry["params"], f"{where}.params", 0, 1 << 50)
+        if entry.get("kind") == "lora":
+            f.integer(entry.get("rank"), f"{where}.rank", 1, 1 << 16)
+            f.number(entry.get("alpha"), f"{where}.alpha")
+            f.number(entry.get("dropout"), f"{where}.dropout")
+            if not isinstance(entry.get("fused"), bool):
+                f.fail(f"{where}.fused", f"must be true or false, got {_kind(entry.get('fused'))}")
+
+
 def _check_annotations(f: _Fields, annotations: Any) -> None:
     for path, ann in f.by_path(annotations, "annotations").items():
         where = f"annotations[{path!r}]"
@@ -178,6 +206,8 @@ def _check_annotations(f: _Fields, annotations: Any) -> None:
             f.integer(quant.get("bits"), f"{where}.quant.bits", 1, 8)
             f.text(quant.get("grid"), f"{where}.quant.grid", choices=("balanced", "plain"))
         f.text(ann.get("keep_reason"), f"{where}.keep_reason", optional=True)
+        if ann.get("branch") is not None:
+            _check_branch_spec(f, ann["branch"], f"{where}.branch")
         f.number(ann.get("weight_error"), f"{where}.weight_error", optional=True)
         for mode, sens in f.obj(ann.get("sensitivity"), f"{where}.sensitivity", optional=True).items():
             errors = f.obj(f.obj(sens, f"{where}.sensitivity[{mode!r}]").get("error"),
@@ -254,6 +284,7 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     _check_wrapper(f, manifest.get("wrapper"))
     _check_sampler(f, manifest.get("sampler"))
     _check_annotations(f, manifest.get("annotations"))
+    _check_branches(f, manifest.get("branches"))
     _check_inputs(f, manifest.get("inputs"))
     summary = f.obj(manifest.get("summary"), "summary", optional=True)
     for key in ("weights_only_bits", "output_rel_error"):

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import fnmatch
-
 from torch import nn
 
 from fxpress.errors import RecipeError
 from fxpress.ir.dataflow import input_dependencies, timestep_only_modules
 from fxpress.ir.graph import Graph
+from fxpress.ir.select import Selector, closest_hint, select
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import timestep_input
 
 SPECIAL = ("first", "last", "time_embedding")
 
 
+def layer_candidates(graph: Graph) -> dict[str, tuple[str, str]]:
+    """{path: (module class name, layer kind)} of every weight-bearing layer, for `fxpress.ir.select`."""
+    return {p: (type(graph.module.get_submodule(p)).__name__, layer.kind) for p, layer in graph.layers.items()}
+
+
 def resolve_keep(graph: Graph, keep: list[str]) -> dict[str, str]:
     """Map each layer matched by `keep` to the entry that matched it.
 
-    Entries are module-path globs or the structural names 'first' (the first layer on the path of the
+    Entries are layer selectors (`fxpress.ir.select`; a bare entry is a module-path glob) or the
+    structural names 'first' (the first layer on the path of the
     model's first input), 'last' (the last layer run) and 'time_embedding' (layers of the shared
     timestep-only module). Raises RecipeError for an entry that matches no layer.
     """
@@ -41,10 +46,12 @@ def resolve_keep(graph: Graph, keep: list[str]) -> dict[str, str]:
             hits = [p for p in order if any(p.startswith(m + ".") for m in mods)]
             if not t_name:
                 continue  # a model without a timestep has no time embedding to keep
-        else:
-            hits = [p for p in order if fnmatch.fnmatchcase(p, entry)]
+        else:  # the project's one layer selector (fxpress.ir.select); a bare entry is a glob here
+            candidates = layer_candidates(graph)
+            hits = list(select([entry], candidates, default="glob", require_each=False))
             if not hits:
-                raise RecipeError(f"keep entry {entry!r} matches no layer; layers look like {order[:3]}")
+                hint = closest_hint(Selector.parse(entry, "glob"), candidates)
+                raise RecipeError(f"keep entry {entry!r} matches no layer; {hint}")
         for path in hits:
             matched.setdefault(path, entry)
     return matched

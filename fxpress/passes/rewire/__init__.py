@@ -1,0 +1,1 @@
+"""Adapter and auxiliary-branch rewiring: insert LoRA branches, set their scale, strip and fuse them."""

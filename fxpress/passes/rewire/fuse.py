@@ -1,0 +1,153 @@
+"""`FuseLoRA` / `UnfuseLoRA`: fold LoRA branches into their base weights, and take them out again.
+
+Float bases: W ← W + scale·(alpha/r)·B·A computed in float64 and rounded once to the weight's dtype;
+the wrapper keeps its factors (marked fused, not run) so `UnfuseLoRA` subtracts the same change.
+Low-bit bases: the dequantized weight plus the change is quantized again on the layer's own grid (same
+levels), with per-channel scales refitted (the better of the old scale and a fresh fit, per row); the
+factors are dropped, since codes cannot be unfused exactly. The report gives each low-bit layer's fuse
+error (relative Frobenius error against the float merge) beside the error its original quantization
+made, when the artifact recorded it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxpress.errors import RecipeError
+from fxpress.ir.annotations import QuantSpec
+from fxpress.ir.graph import Graph
+from fxpress.kernels.lora import LoRA
+from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.module_edit import replace_submodule
+from fxpress.passes.quant.scale_init import fit_scales, quantize_rows
+from fxpress.passes.rewire.branches import recaptured, registry, resolve_names
+
+LOWBIT = (LowBitLinear, LowBitConv2d)
+
+
+def grid_of(layer: LowBitLinear | LowBitConv2d, scale_dtype: str = "float16") -> QuantSpec:
+    """The QuantSpec whose grid a low-bit layer's codes live on (levels and offset decide it)."""
+    for bits in range(1, 9):
+        for grid in ("balanced", "plain"):
+            spec = QuantSpec(bits, grid, scale_dtype=scale_dtype)
+            if spec.levels == layer.levels and spec.qmin == -layer.offset:
+                return spec
+    raise RecipeError(f"a low-bit layer with {layer.levels} levels from {-layer.offset} is on no fxpress grid")
+
+
+def requantized(layer: LowBitLinear | LowBitConv2d, merged: torch.Tensor) -> tuple[nn.Module, float]:
+    """Return (a low-bit layer holding `merged` on `layer`'s grid, relative error against `merged`)."""
+    spec = grid_of(layer, str(layer.scale.dtype).removeprefix("torch."))
+    w2d = merged.reshape(merged.shape[0], -1).float()
+    candidates = []
+    for scale in (layer.scale, fit_scales(w2d, spec)):
+        codes = quantize_rows(w2d, scale, spec)
+        err = ((codes.float() * scale.float().unsqueeze(1) - w2d) ** 2).sum(dim=1)
+        candidates.append((codes, scale.to(layer.scale.dtype), err))
+    take_fit = candidates[1][2] < candidates[0][2]
+    codes = torch.where(take_fit.unsqueeze(1), candidates[1][0], candidates[0][0])
+    scale = torch.where(take_fit, candidates[1][1], candidates[0][1])
+    deq = codes.double() * scale.double().unsqueeze(1)
+    error = float((deq - merged.reshape(deq.shape)).norm() / merged.norm().clamp_min(1e-30))
+    codes = codes.reshape(layer.weight_shape)
+    bias = layer.bias
+    if isinstance(layer, LowBitLinear):
+        new = LowBitLinear(codes, scale, bias, spec.qmin, spec.levels)
+    else:
+        new = LowBitConv2d(codes, scale, bias, spec.qmin, spec.levels, layer.stride, layer.padding, layer.dilation,
+                           layer.groups)
+    new.kernels, new.fallback = layer.kernels, layer.fallback
+    return new, error
+
+
+@torch.no_grad()
+def fuse_float(wrapper: LoRA) -> None:
+    """Fold the branch into a float base weight in place (float64 sum, one rounding); mark it fused."""
+    weight = wrapper.base_layer.weight
+    weight.copy_((weight.double() + wrapper.delta_weight()).to(weight.dtype))
+    wrapper.fused = True
+
+
+@torch.no_grad()
+def unfuse_float(wrapper: LoRA) -> None:
+    """Take a fused branch's change out of its float base weight again; mark it unfused."""
+    weight = wrapper.base_layer.weight
+    weight.copy_((weight.double() - wrapper.delta_weight()).to(weight.dtype))
+    wrapper.fused = False
+
+
+class FuseLoRA(Pass):
+    """Fold the LoRA branches `names` (default: every unfused LoRA branch) into their base weights."""
+
+    provides = ("fused",)
+    transforms = True
+
+    def __init__(self, names: list[str] | tuple[str, ...] | None = None):
+        self.names = None if names is None else list(names)
+
+    def run(self, graph: Graph) -> PassResult:
+        entries = registry(graph)
+        names = [n for n, e in entries.items() if e["kind"] == "lora" and not e.get("fused")] \
+            if self.names is None else resolve_names(graph, self.names, self.name)
+        for name in names:
+            if entries[name]["kind"] != "lora":
+                raise RecipeError(f"FuseLoRA: branch {name!r} is a {entries[name]['kind']} branch, not LoRA")
+            if entries[name].get("fused"):
+                raise RecipeError(f"FuseLoRA: branch {name!r} is fused already")
+        model, renamed = graph.module, {}
+        layers: dict[str, dict[str, Any]] = {}
+        with torch.no_grad():
+            for name in names:
+                entry = entries[name]
+                kept = []
+                for path in entry["targets"]:
+                    wrapper = model.get_submodule(path)
+                    base = wrapper.base_layer
+                    if isinstance(base, LOWBIT):
+                        merged = base.weight.double() + wrapper.delta_weight()
+                        new, error = requantized(base, merged)
+                        replace_submodule(model, path, new)
+                        renamed[f"{path}.base_layer"] = path
+                        base_path = f"{path}.base_layer"
+                        quant_error = graph.annotation(base_path).weight_error if base_path in graph.layers else None
+                        layers[path] = {"branch": name, "base": "low-bit", "levels": base.levels,
+                                        "fuse_error": error, "quantization_error": quant_error}
+                    else:
+                        fuse_float(wrapper)
+                        kept.append(path)
+                        layers[path] = {"branch": name, "base": "float"}
+                entry["merged"] = sorted(set(entry.get("merged", [])) | (set(entry["targets"]) - set(kept)))
+                entry["targets"], entry["fused"] = kept, True
+        new = recaptured(graph, model, renamed)
+        return PassResult(new, bool(names), {"fused": names, "layers": layers})
+
+
+class UnfuseLoRA(Pass):
+    """Take fused LoRA branches (float bases) out of the weights again; they run as branches once more."""
+
+    provides = ("unfused",)
+    transforms = True
+
+    def __init__(self, names: list[str] | tuple[str, ...] | None = None):
+        self.names = None if names is None else list(names)
+
+    def run(self, graph: Graph) -> PassResult:
+        entries = registry(graph)
+        names = [n for n, e in entries.items() if e["kind"] == "lora" and e.get("fused")] \
+            if self.names is None else resolve_names(graph, self.names, self.name)
+        for name in names:
+            entry = entries[name]
+            if not entry.get("fused"):
+                raise RecipeError(f"UnfuseLoRA: branch {name!r} is not fused")
+            if entry.get("merged"):
+                raise RecipeError(f"UnfuseLoRA: branch {name!r} was requantized into low-bit layers "
+                                  f"{entry['merged'][:3]}; their codes cannot be unfused")
+            for path in entry["targets"]:
+                unfuse_float(graph.module.get_submodule(path))
+            entry["fused"] = False
+        new = recaptured(graph, graph.module, {})
+        return PassResult(new, bool(names), {"unfused": names})

@@ -1,0 +1,70 @@
+"""`StripBranches`: remove branches (train-only ones by default) so the model is what it was without them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fxpress.errors import RecipeError
+from fxpress.ir.graph import Graph
+from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.module_edit import replace_submodule
+from fxpress.passes.rewire.branches import recaptured, registry, resolve_names
+
+
+def _strip_lora(model: nn.Module, name: str, entry: dict[str, Any]) -> dict[str, str]:
+    if entry.get("fused"):
+        raise RecipeError(f"branch {name!r} is fused into its base weights; unfuse it (UnfuseLoRA) before "
+                          "stripping it, or keep it")
+    renamed = {}
+    for path in entry["targets"]:
+        replace_submodule(model, path, model.get_submodule(path).base_layer)
+        renamed[f"{path}.base_layer"] = path
+    return renamed
+
+
+STRIPPERS = {"lora": _strip_lora}
+
+
+class StripBranches(Pass):
+    """Remove the branches of `role` (all of them, or those in `names`, which must all have that role).
+
+    The result computes exactly what the model computed with those branches at scale 0, and its
+    captured graph holds none of their parameters, inputs or operations. Stripping a kept adapter
+    needs role="adapter" said outright.
+    """
+
+    provides = ("stripped",)
+    transforms = True
+
+    def __init__(self, role: str = "train_only", names: list[str] | tuple[str, ...] | None = None):
+        if role not in ("adapter", "train_only"):
+            raise RecipeError(f"StripBranches: role must be 'adapter' or 'train_only', got {role!r}")
+        self.role, self.names = role, None if names is None else list(names)
+
+    def chosen(self, graph: Graph) -> list[str]:
+        """The branches this pass removes from `graph` (RecipeError for an unknown or other-role name)."""
+        entries = registry(graph)
+        if self.names is None:
+            return [n for n, e in entries.items() if e["role"] == self.role]
+        names = resolve_names(graph, self.names, self.name)
+        other = [n for n in names if entries[n]["role"] != self.role]
+        if other:
+            roles = ", ".join(f"{n!r} is {entries[n]['role']!r}" for n in other)
+            raise RecipeError(f"StripBranches(role={self.role!r}) refuses {roles}; say role="
+                              f"{entries[other[0]]['role']!r} to strip {'it' if len(other) == 1 else 'them'}")
+        return names
+
+    def run(self, graph: Graph) -> PassResult:
+        names = self.chosen(graph)
+        if not names:
+            return PassResult(graph, False, {"stripped": [], "role": self.role})
+        model, renamed = graph.module, {}
+        entries = registry(graph)
+        for name in names:
+            renamed.update(STRIPPERS[entries[name]["kind"]](model, name, entries[name]))
+        removed = {n: entries.pop(n) for n in names}
+        new = recaptured(graph, model, renamed)
+        return PassResult(new, True, {"stripped": names, "role": self.role,
+                                      "layers": sum(len(e.get("targets", [])) for e in removed.values())})
