@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -211,3 +212,36 @@ def test_lora_artifact_round_trip_keeps_branches_and_scale(tiny_compressed, tmp_
     assert registry(again)["style"]["targets"] == registry(rewired)["style"]["targets"]
     marked = sum(1 for a in again.annotations().values() if a.branch is not None)
     assert marked == 2 * len(registry(rewired)["style"]["targets"])
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+def test_cli_rewire_strip_fuse_and_inspect(tiny_artifact, tmp_path, capsys):
+    from fxpress.cli import main
+
+    lora = tmp_path / "lora"
+    assert main(["rewire", str(tiny_artifact), "--lora", r"attn\d\.to_(q|v)", "--rank", "4", "--name", "style",
+                 "--out", str(lora)]) == 0
+    shortcut = tmp_path / "shortcut"
+    assert main(["rewire", str(lora), "--lora", "to_k", "--rank", "2", "--name", "shortcut", "--role",
+                 "train_only", "--out", str(shortcut)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(shortcut)]) == 0
+    table = capsys.readouterr().out
+    assert "style" in table and "shortcut" in table and "train_only" in table and "rank 4" in table
+    stripped = tmp_path / "stripped"
+    assert main(["strip", str(shortcut), "--out", str(stripped)]) == 0
+    assert list(json.loads((stripped / "manifest.json").read_text())["branches"]) == ["style"]
+    fused = tmp_path / "fused"
+    assert main(["fuse", str(stripped), "--out", str(fused)]) == 0
+    manifest = json.loads((fused / "manifest.json").read_text())
+    assert manifest["branches"]["style"]["fused"] and manifest["branches"]["style"]["merged"]
+    before = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert manifest["lowbit_layers"].keys() == before["lowbit_layers"].keys()  # still low-bit, layer for layer
+    assert manifest["summary"]["weights_only_bits"] == before["summary"]["weights_only_bits"]
+    bad = tmp_path / "bad"
+    assert main(["rewire", str(tiny_artifact), "--lora", "to_qq", "--out", str(bad)]) == 2
+    assert main(["strip", str(shortcut), "--role", "train_only", "--names", "style", "--out", str(bad)]) == 2
+    assert main(["strip", str(shortcut), "--names", "nope", "--out", str(bad)]) == 2
+    assert main(["fuse", str(tmp_path), "--out", str(bad)]) == 2
+    assert not bad.exists()
