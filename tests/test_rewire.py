@@ -121,6 +121,26 @@ def test_scale_changes_the_captured_program_without_recapture(tiny_unet):
     assert registry(rewired)["lora"]["scale"] == 0.5
 
 
+def test_a_stripped_low_bit_model_exports_to_onnx_without_a_trace_of_the_branch(tiny_compressed, tmp_path):
+    import onnx
+
+    from fxpress.backends.onnx import compare_with_onnxruntime, export_onnx
+
+    rewired, _ = Pipeline([InsertLoRA(["to_q", "to_k"], rank=2, name="shortcut", role="train_only")]).run(
+        tiny_compressed.graph)
+    train_branch(rewired, "shortcut")
+    stripped, _ = Pipeline([StripBranches()]).run(rewired)
+    example = stripped.example
+    path = tmp_path / "stripped.onnx"
+    export_onnx(stripped, example, path)
+    names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer]
+    assert names and not any("lora" in n.lower() for n in names)
+    errors = compare_with_onnxruntime(stripped.module, example, path)
+    plain = first(tiny_compressed.graph.run())
+    assert torch.equal(first(stripped.run()), plain)
+    assert errors["exact"] <= 1e-4, errors
+
+
 def test_strip_refuses_kept_adapters_unless_said(tiny_unet):
     model, example = tiny_unet
     graph = capture(copy.deepcopy(model), example.args, example.kwargs)
