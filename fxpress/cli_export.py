@@ -31,7 +31,8 @@ def add_export_parser(sub, console: Console) -> None:
                         "and compare with the torch backend")
     e.add_argument("--sampler", action="store_true",
                    help="onnx, executorch: export the whole few-step sampler (every denoiser call, the guidance "
-                        "and the DDIM arithmetic) as one program: (noise, cond[, uncond]) -> image")
+                        "and the DDIM arithmetic) as one program: (noise, cond[, uncond]) -> image; what depends "
+                        "only on the fixed timesteps is precomputed")
     e.add_argument("--steps", type=int, default=None,
                    help="sampler: the step count (the artifact's recorded sampler fixes it)")
     e.add_argument("--guidance", type=float, default=None, help="sampler: the guidance scale (default: the spec's)")
@@ -44,10 +45,11 @@ def add_export_parser(sub, console: Console) -> None:
 def _write(fmt: str, model, inputs, out: Path, args: argparse.Namespace):
     if fmt == "onnx":
         from fxpress.backends.onnx import export_onnx
-        return export_onnx(model, inputs, out, int2=not args.no_int2, node_names=not args.sampler)
+        return export_onnx(model, inputs, out, int2=not args.no_int2, node_names=not args.sampler,
+                           fold=args.sampler)
     if fmt == "executorch":
         from fxpress.backends.executorch import export_executorch
-        return export_executorch(model, inputs, out, weights=args.weights)
+        return export_executorch(model, inputs, out, weights=args.weights, fold=args.sampler)
     from fxpress.backends.coreml import export_coreml
     return export_coreml(model, inputs, out, precision=args.precision)
 

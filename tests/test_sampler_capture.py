@@ -164,6 +164,27 @@ def test_onnx_sampler_of_a_compressed_model_stores_each_layer_once(lowbit, cfg_c
     assert _ort_max_diff(report.path, inputs, reference) <= 1e-4
 
 
+def test_folding_the_fixed_timesteps_keeps_the_output_and_drops_the_time_weights(lowbit, cfg_case, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fxpress.backends.onnx import export_onnx
+    from fxpress.ir.constant_fold import fold_module
+
+    model, spec, inputs, _ = cfg_case
+    folded, report = fold_module(UnrolledSampler(model, spec).eval(), inputs)
+    with torch.no_grad():
+        reference = sample_loop(model, spec, *inputs)
+        assert torch.equal(folded(*inputs), reference)
+    left = [n for n, _ in [*folded.named_parameters(), *folded.named_buffers()]]
+    assert report["folded"] > 0 and report["dropped_bytes"] > 10 * report["added_bytes"]
+    assert not any("time_embedding" in n or "time_emb_proj" in n for n in left)
+    assert any("to_q" in n for n in left)  # weights that see the image stay, once each
+    low = lowbit.graph.module
+    two = spec.with_timesteps(list(spec.timesteps[::2]))
+    path = export_onnx(UnrolledSampler(low, two), inputs, tmp_path / "folded.onnx", fold=True).path
+    with torch.no_grad():
+        assert _ort_max_diff(path, inputs, sample_loop(low, two, *inputs)) <= 1e-4
+
+
 @pytest.mark.mobile
 def test_executorch_sampler_runs_in_the_runtime_at_the_size_of_one_network(tmp_path):
     pytest.importorskip("executorch")

@@ -39,7 +39,6 @@ from fxpress.ir.graph import Inputs
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 
 WEIGHT_MODES = ("lowbit", "float")
-_decompose = False
 
 
 @dataclass
@@ -165,11 +164,12 @@ def _one_use_per_constant():
 
 
 def export_executorch(target: Any, example_inputs: Any, path: str | Path, model: Any = None,
-                      weights: str = "lowbit") -> ExecuTorchReport:
+                      weights: str = "lowbit", fold: bool = False) -> ExecuTorchReport:
     """Export a compressed model (artifact directory, Graph, CompressResult or module) to an XNNPACK .pte file.
 
     `weights` is "lowbit" (XNNPACK int4/int8 weights, int8 activations) or "float" (dequantized fp32,
-    exact). The file appears only once lowering has succeeded; nothing is left behind on failure.
+    exact). `fold` precomputes what depends on no input (`ir.constant_fold`: an unrolled sampler's
+    timestep embeddings). The file appears only once lowering has succeeded; nothing is left behind on failure.
     """
     _require_executorch()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -182,9 +182,11 @@ def export_executorch(target: Any, example_inputs: Any, path: str | Path, model:
         exported = torch.export.export(converted, tuple(inputs.args), kwargs=dict(inputs.kwargs), strict=False)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; all mean "cannot capture"
         raise LoweringError(f"torch.export could not capture {type(module).__name__}: {_clean(exc)}") from exc
-    if _decompose:
-        from fxpress.backends.executorch_decompose import decompose_for_xnnpack
-        exported = decompose_for_xnnpack(exported)
+    if fold:
+        from fxpress.ir.constant_fold import fold_constants
+
+        folded, _ = fold_constants(exported)
+        exported = torch.export.export(folded, tuple(inputs.args), kwargs=dict(inputs.kwargs), strict=False)
     try:
         edge = to_edge_transform_and_lower(exported, transform_passes=_one_use_per_constant(),
                                            partitioner=[XnnpackPartitioner()])

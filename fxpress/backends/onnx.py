@@ -318,12 +318,13 @@ def _export_failure(exc: BaseException) -> str:
 
 
 def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any = None,
-                int2: bool = True, node_names: bool = True) -> OnnxReport:
+                int2: bool = True, node_names: bool = True, fold: bool = False) -> OnnxReport:
     """Export a compressed model (artifact directory, Graph, CompressResult or module) to an ONNX file.
 
     `int2=False` keeps the file at opset 21 (INT4 at the narrowest), for runtimes without opset 25.
     `node_names=False` leaves out each node's module path (half the graph bytes of an unrolled sampler,
-    whose steps repeat one network's nodes).
+    whose steps repeat one network's nodes). `fold` precomputes what depends on no input
+    (`ir.constant_fold`: an unrolled sampler's timestep embeddings).
     `example_inputs` are the forward's inputs (an object with .args/.kwargs, a dict of kwargs, or a
     tuple of args). The file (and `<file>.data` for models over protobuf's 2 GB) appears only once it
     has passed onnx.checker; nothing is left behind on failure.
@@ -333,6 +334,14 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
     module = as_module(target, model)
     inputs = Inputs.of(example_inputs)
     args, kwargs = inputs.args, inputs.kwargs
+    if fold:
+        from fxpress.ir.constant_fold import fold_module
+
+        try:
+            module = fold_module(module.eval(), inputs)[0]
+        except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; all mean "cannot capture"
+            raise LoweringError(f"torch.export could not capture {type(module).__name__}: "
+                                f"{_export_failure(exc)}") from exc
     was_training = module.training
     module.eval()
     try:
