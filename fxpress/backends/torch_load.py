@@ -26,6 +26,7 @@ from fxpress.ir.artifact import read_artifact
 from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels import entropy
 from fxpress.kernels.bypass import Bypass, StreamArg
+from fxpress.kernels.control import ControlledUNet, build_controlnet, takes_control_residuals
 from fxpress.kernels.guidance import GuidanceConditioned
 from fxpress.kernels.lora import LoRA
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
@@ -167,11 +168,24 @@ def _wrapped(skeleton: nn.Module, wrapper: dict[str, Any] | None) -> nn.Module:
         return GuidanceConditioned(skeleton, wrapper["site"], wrapper["width"], wrapper["features"], wrapper["scale"])
 
 
-def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> None:
-    """Put back the LoRA wrappers the artifact's branch registry records (weights come with the tensors)."""
-    for name, entry in (branches or {}).items():
-        if entry["kind"] != "lora":
+def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> nn.Module:
+    """Return `skeleton` with the branches the artifact's registry records put back (weights come with the
+    tensors): a control branch around it first, then the LoRA wrappers."""
+    branches = branches or {}
+    for name, entry in branches.items():
+        if entry["kind"] not in ("lora", "control"):
             raise ArtifactError(f"branch {name!r} is of kind {entry['kind']!r}, which this fxpress cannot rebuild")
+        if entry["kind"] == "control":
+            if not takes_control_residuals(skeleton):
+                raise ArtifactError(f"branch {name!r} is a control branch, but the rebuilt "
+                                    f"{type(skeleton).__name__} takes no control residuals")
+            with torch.device("meta"):
+                controlnet = build_controlnet(skeleton, entry["channels"], tuple(entry["embedding_channels"]),
+                                              copy_weights=False)
+                skeleton = ControlledUNet(skeleton, controlnet, entry["input"], entry["scale"])
+    for name, entry in branches.items():
+        if entry["kind"] != "lora":
+            continue
         for path in entry["targets"]:
             base = _submodule(skeleton, path)
             try:
@@ -181,6 +195,7 @@ def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> None
                 raise ArtifactError(f"branch {name!r} wraps {path!r}, which cannot take it: {exc}") from exc
             wrapper.fused = bool(entry["fused"])
             replace_submodule(skeleton, path, wrapper)
+    return skeleton
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module:
@@ -251,7 +266,7 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
     manifest, tensors = read_artifact(directory)
     skeleton = _wrapped(_model_to_fill(model, manifest), manifest.get("wrapper"))
     with restored_on_failure(skeleton) if isinstance(model, nn.Module) else nullcontext():
-        _with_branches(skeleton, manifest.get("branches"))
+        skeleton = _with_branches(skeleton, manifest.get("branches"))
         decode_seconds = _fill(skeleton, manifest, tensors)
     skeleton.eval()
     if manifest.get("branches"):

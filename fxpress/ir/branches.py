@@ -44,11 +44,13 @@ def mark_branches(graph: Graph) -> None:
     entries = registry(graph)
     owned: dict[str, str] = {}
     wrappers: dict[str, str] = {}
+    scale_owners: dict[str, str] = {}
     for name, entry in entries.items():
         for path in branch_modules(graph, name):
             owned[path] = name
         if entry["kind"] == "lora":
             wrappers.update({t: name for t in entry["targets"]})
+        scale_owners.update({p: name for p in entry.get("scale_modules", [])})
     for path in graph.layers:
         name = next((owned[p] for p in owned if path == p or path.startswith(p + ".")), None)
         if name is not None:
@@ -66,7 +68,10 @@ def mark_branches(graph: Graph) -> None:
         node.meta.pop(BRANCH_META, None)
         if node.op == "placeholder":
             module_path, _, leaf = names.get(node.name, "").rpartition(".")
-            name = owner_branch(module_path) or (wrappers.get(module_path) if leaf == "scale" else None)
+            if leaf == "scale":  # a branch's scale buffer, on its wrapper or its own module
+                name = owner_branch(module_path) or wrappers.get(module_path) or scale_owners.get(module_path)
+            else:
+                name = owner_branch(module_path)
         else:
             owner = _owner(node)
             name = owner_branch(owner) or wrappers.get(owner)  # or the wrapper's own add and scale multiply

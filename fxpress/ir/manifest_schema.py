@@ -189,6 +189,15 @@ def _check_branches(f: _Fields, branches: Any) -> None:
                 f.text(target, f"{where}.{key}[{i}]", MODULE_PATH)
         if entry.get("params") is not None:
             f.integer(entry["params"], f"{where}.params", 0, 1 << 50)
+        if entry.get("kind") == "control":
+            f.text(entry.get("input"), f"{where}.input", IDENTIFIER)
+            f.integer(entry.get("channels"), f"{where}.channels", 1, 1 << 12)
+            for i, width in enumerate(f.array(entry.get("embedding_channels"), f"{where}.embedding_channels")[:16]):
+                f.integer(width, f"{where}.embedding_channels[{i}]", 1, 1 << 16)
+            for key in ("modules", "scale_modules"):
+                for i, path in enumerate(f.array(entry.get(key), f"{where}.{key}")):
+                    if path:
+                        f.text(path, f"{where}.{key}[{i}]", MODULE_PATH)
         if entry.get("kind") == "lora":
             f.integer(entry.get("rank"), f"{where}.rank", 1, 1 << 16)
             f.number(entry.get("alpha"), f"{where}.alpha")

@@ -7,13 +7,14 @@ from typing import Any
 from torch import nn
 
 from fxpress.errors import RecipeError
-from fxpress.ir.graph import Graph
+from fxpress.ir.graph import Graph, Inputs
+from fxpress.kernels.control import ControlledUNet
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
 from fxpress.passes.rewire.branches import recaptured, registry, resolve_names
 
 
-def _strip_lora(model: nn.Module, name: str, entry: dict[str, Any]) -> dict[str, str]:
+def _strip_lora(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
     if entry.get("fused"):
         raise RecipeError(f"branch {name!r} is fused into its base weights; unfuse it (UnfuseLoRA) before "
                           "stripping it, or keep it")
@@ -21,10 +22,21 @@ def _strip_lora(model: nn.Module, name: str, entry: dict[str, Any]) -> dict[str,
     for path in entry["targets"]:
         replace_submodule(model, path, model.get_submodule(path).base_layer)
         renamed[f"{path}.base_layer"] = path
-    return renamed
+    return model, renamed
 
 
-STRIPPERS = {"lora": _strip_lora}
+def _strip_control(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
+    if not isinstance(model, ControlledUNet):
+        raise RecipeError(f"branch {name!r}: the model is no longer the ControlledUNet the branch was attached to")
+    renamed = {f"unet.{p}": p for p, _ in model.unet.named_modules() if p}
+    return model.unet, renamed
+
+
+STRIPPERS = {"lora": _strip_lora, "control": _strip_control}
+
+
+def _without(inputs: Inputs, names: list[str]) -> Inputs:
+    return Inputs(inputs.args, {k: v for k, v in inputs.kwargs.items() if k not in names})
 
 
 class StripBranches(Pass):
@@ -62,9 +74,19 @@ class StripBranches(Pass):
             return PassResult(graph, False, {"stripped": [], "role": self.role})
         model, renamed = graph.module, {}
         entries = registry(graph)
-        for name in names:
-            renamed.update(STRIPPERS[entries[name]["kind"]](model, name, entries[name]))
+        for name in sorted(names, key=lambda n: entries[n]["kind"] == "control"):  # the outermost wrapper last
+            model, more = STRIPPERS[entries[name]["kind"]](model, name, entries[name])
+            renamed = {old: more.get(new, new) for old, new in renamed.items()}
+            renamed.update({old: new for old, new in more.items() if old not in renamed.values()})
         removed = {n: entries.pop(n) for n in names}
+        for entry in entries.values():  # branches that stay follow their layers to their new paths
+            for key in ("targets", "merged"):
+                if key in entry:
+                    entry[key] = [renamed.get(p, p) for p in entry[key]]
+        inputs = [e["input"] for e in removed.values() if e.get("input")]
+        if inputs:
+            graph.example = _without(graph.example, inputs)
+            graph.calibration = [_without(c, inputs) for c in graph.calibration]
         new = recaptured(graph, model, renamed)
         return PassResult(new, True, {"stripped": names, "role": self.role,
                                       "layers": sum(len(e.get("targets", [])) for e in removed.values())})

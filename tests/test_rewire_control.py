@@ -1,0 +1,109 @@
+"""Control branches: initialised from diffusers' ControlNetModel they match diffusers' own ControlNet + UNet
+call; zero-initialised they change nothing; scale 0 and stripping give the plain UNet exactly; artifacts keep
+them; bad models and control maps are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import ControlNetModel
+
+import fxpress
+from fxpress.errors import ModelError, PassError
+from fxpress.frontends import zoo
+from fxpress.frontends.capture import capture
+from fxpress.ir.graph import Inputs
+from fxpress.passes.pipeline import Pipeline
+from fxpress.passes.rewire.branches import BRANCH_META, registry, set_branch_scale
+from fxpress.passes.rewire.control import AttachControlBranch
+from fxpress.passes.rewire.strip import StripBranches
+
+ZERO_CONVS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+EMBEDDING = (16, 32)  # one stride-2 stage: the control map is twice the latent size
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    entry = zoo.get("tiny-unet")
+    return entry.build(), entry.example_inputs()
+
+
+def trained_controlnet(model, seed: int = 0) -> ControlNetModel:
+    """diffusers' ControlNetModel from `model`, its zero convs given values as training would."""
+    controlnet = ControlNetModel.from_unet(model, conditioning_embedding_out_channels=EMBEDDING).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(ZERO_CONVS):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return controlnet
+
+
+def control_map(example, seed: int = 1) -> torch.Tensor:
+    n, _, h, w = example.kwargs["sample"].shape
+    return torch.rand(n, 3, 2 * h, 2 * w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_branch_from_diffusers_controlnet_matches_diffusers_own_call(unet):
+    model, example = unet
+    controlnet = trained_controlnet(model)
+    control = control_map(example)
+    kw = example.kwargs
+    with torch.no_grad():
+        down, mid = controlnet(kw["sample"], kw["timestep"], kw["encoder_hidden_states"], controlnet_cond=control,
+                               return_dict=False)
+        expected = first(model(**kw, down_block_additional_residuals=down, mid_block_additional_residual=mid))
+    graph = capture(copy.deepcopy(model), example.args, example.kwargs)
+    attached, _ = Pipeline([AttachControlBranch(controlnet=controlnet)]).run(graph)
+    assert "control" in attached.input_names
+    out = first(attached.run(Inputs((), {**kw, "control": control})))
+    print(f"max difference to diffusers' ControlNet + UNet: {float((out - expected).abs().max()):.2e}")
+    assert float((out - expected).abs().max()) <= 1e-5
+    marked = {n.meta.get(BRANCH_META) for n in attached.graph_module.graph.nodes}
+    assert "control" in marked
+
+
+def test_zero_init_scale_zero_and_strip_give_the_plain_unet(unet, tmp_path):
+    model, example = unet
+    graph = capture(copy.deepcopy(model), example.args, example.kwargs)
+    plain = first(graph.run())
+    attached, report = Pipeline([AttachControlBranch(embedding_channels=EMBEDDING, role="train_only")],
+                                verify=Inputs((), {**example.kwargs})).run(graph)
+    with_map = Inputs((), {**example.kwargs, "control": control_map(example)})
+    assert torch.equal(first(attached.run(with_map)), plain)  # zero convs: no change yet
+    with torch.no_grad():
+        for name, p in attached.module.controlnet.named_parameters():
+            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                p.normal_(0, 0.05)
+    assert not torch.equal(first(attached.run(with_map)), plain)
+    path = fxpress.save(attached, tmp_path / "controlled")["path"]
+    loaded = fxpress.load(path)
+    assert torch.equal(first(loaded(**with_map.kwargs)), first(attached.run(with_map)))
+    set_branch_scale(attached, "control", 0.0)
+    assert torch.equal(first(attached.run(with_map)), plain)
+    stripped, _ = Pipeline([StripBranches()]).run(attached)
+    assert "control" not in stripped.input_names and "control" not in stripped.example.kwargs
+    assert torch.equal(first(stripped.run()), plain)
+    assert not any("controlnet" in n for n, _ in stripped.module.named_parameters())
+    assert set(stripped.layers) == set(graph.layers)  # every layer back at its own path
+
+
+def test_bad_models_and_control_maps_are_refused(unet):
+    model, example = unet
+    graph = capture(copy.deepcopy(model), example.args, example.kwargs)
+    attached, _ = Pipeline([AttachControlBranch(embedding_channels=EMBEDDING)]).run(graph)
+    wrong = torch.zeros(2, 3, 16, 16)
+    message = r"control input 'control' has shape \(2, 3, 16, 16\); .* takes \(2, 3, 32, 32\)"
+    with pytest.raises(ModelError, match=message):
+        attached.module(**example.kwargs, control=wrong)
+    dit = zoo.get("dit-s")
+    dit_graph = capture(dit.build(), dit.example_inputs().args, dit.example_inputs().kwargs)
+    with pytest.raises(PassError, match="takes no control residuals"):
+        Pipeline([AttachControlBranch()]).run(dit_graph)
+    assert registry(graph) == {} and "control" not in graph.example.kwargs  # the input graph is untouched
