@@ -41,8 +41,8 @@ class LoRA(nn.Module):
                  scale: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
         kind, fan_in, fan_out = lora_geometry(base)
-        if rank < 1 or rank > min(fan_in, fan_out):
-            raise ValueError(f"rank {rank} must be in 1..{min(fan_in, fan_out)} for a {fan_in}->{fan_out} {kind}")
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.kind, self.rank = kind, int(rank)

@@ -6,7 +6,8 @@ Low-bit bases: the dequantized weight plus the change is quantized again on the 
 levels), with per-channel scales refitted (the better of the old scale and a fresh fit, per row); the
 factors are dropped, since codes cannot be unfused exactly. The report gives each low-bit layer's fuse
 error (relative Frobenius error against the float merge) beside the error its original quantization
-made, when the artifact recorded it.
+made, when the artifact recorded it, and how much of the branch's change the new codes carry
+(`change_kept`: the realised change projected on the intended one, 1.0 = all of it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def grid_of(layer: LowBitLinear | LowBitConv2d, scale_dtype: str = "float16") ->
 
 
 def requantized(layer: LowBitLinear | LowBitConv2d, merged: torch.Tensor) -> tuple[nn.Module, float]:
-    """Return (a low-bit layer holding `merged` on `layer`'s grid, relative error against `merged`)."""
+    """Return (a low-bit layer holding `merged` on `layer`'s grid, relative error against `merged`).
+
+    Below about 3 bits a change much smaller than the grid step mostly rounds back to the old codes:
+    `change_kept` in FuseLoRA's report says how much of it the new codes carry."""
     spec = grid_of(layer, str(layer.scale.dtype).removeprefix("torch."))
     w2d = merged.reshape(merged.shape[0], -1).float()
     candidates = []
@@ -108,14 +112,17 @@ class FuseLoRA(Pass):
                     wrapper = model.get_submodule(path)
                     base = wrapper.base_layer
                     if isinstance(base, LOWBIT):
-                        merged = base.weight.double() + wrapper.delta_weight()
-                        new, error = requantized(base, merged)
+                        old, change = base.weight.double(), wrapper.delta_weight()
+                        new, error = requantized(base, old + change)
+                        realized = new.weight.double() - old
+                        kept = float((realized * change).sum() / (change * change).sum().clamp_min(1e-300))
                         replace_submodule(model, path, new)
                         renamed[f"{path}.base_layer"] = path
                         base_path = f"{path}.base_layer"
                         quant_error = graph.annotation(base_path).weight_error if base_path in graph.layers else None
                         layers[path] = {"branch": name, "base": "low-bit", "levels": base.levels,
-                                        "fuse_error": error, "quantization_error": quant_error}
+                                        "fuse_error": error, "quantization_error": quant_error,
+                                        "change_kept": kept}
                     else:
                         fuse_float(wrapper)
                         kept.append(path)
