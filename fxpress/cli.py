@@ -154,7 +154,12 @@ def _print_branches(manifest: dict) -> None:
     for col in ("branch", "kind", "role", "scale", "layers", "parameters", "fused", "detail"):
         table.add_column(col, justify="left" if col in ("branch", "kind", "role", "detail") else "right")
     for name, entry in branches.items():
-        detail = f"rank {entry['rank']}, alpha {entry['alpha']:g}" if entry["kind"] == "lora" else ""
+        if entry["kind"] == "lora":
+            detail = f"rank {entry['rank']}, alpha {entry['alpha']:g}"
+        elif entry["kind"] == "control":
+            detail = f"input {entry['input']!r} ({entry['channels']} channels)"
+        else:
+            detail = f"input {entry['input']!r} ({entry['features']} features -> {entry['tokens']} tokens)"
         layers = len(entry.get("targets", [])) + len(entry.get("merged", []))
         table.add_row(name, entry["kind"], entry["role"], f"{entry['scale']:g}", str(layers),
                       f"{entry.get('params', 0):,}", "yes" if entry.get("fused") else "no", detail)

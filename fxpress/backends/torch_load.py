@@ -28,6 +28,7 @@ from fxpress.kernels import entropy
 from fxpress.kernels.bypass import Bypass, StreamArg
 from fxpress.kernels.control import ControlledUNet, build_controlnet, takes_control_residuals
 from fxpress.kernels.guidance import GuidanceConditioned
+from fxpress.kernels.image_adapter import ImageAdapted, ImageCrossAttention
 from fxpress.kernels.lora import LoRA
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.kernels.packing import unpack_radix
@@ -173,7 +174,7 @@ def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> nn.M
     tensors): a control branch around it first, then the LoRA wrappers."""
     branches = branches or {}
     for name, entry in branches.items():
-        if entry["kind"] not in ("lora", "control"):
+        if entry["kind"] not in ("lora", "control", "image_adapter"):
             raise ArtifactError(f"branch {name!r} is of kind {entry['kind']!r}, which this fxpress cannot rebuild")
         if entry["kind"] == "control":
             if not takes_control_residuals(skeleton):
@@ -183,6 +184,12 @@ def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> nn.M
                 controlnet = build_controlnet(skeleton, entry["channels"], tuple(entry["embedding_channels"]),
                                               copy_weights=False)
                 skeleton = ControlledUNet(skeleton, controlnet, entry["input"], entry["scale"])
+        if entry["kind"] == "image_adapter":
+            with torch.device("meta"):
+                for path in entry["targets"]:
+                    replace_submodule(skeleton, path, ImageCrossAttention(_submodule(skeleton, path), entry["width"]))
+                skeleton = ImageAdapted(skeleton, entry["features"], entry["tokens"], entry["width"], entry["input"],
+                                        entry["scale"])
     for name, entry in branches.items():
         if entry["kind"] != "lora":
             continue

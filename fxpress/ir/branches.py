@@ -50,6 +50,7 @@ def mark_branches(graph: Graph) -> None:
             owned[path] = name
         if entry["kind"] == "lora":
             wrappers.update({t: name for t in entry["targets"]})
+        wrappers.update({p: name for p in entry.get("wrappers", [])})
         scale_owners.update({p: name for p in entry.get("scale_modules", [])})
     for path in graph.layers:
         name = next((owned[p] for p in owned if path == p or path.startswith(p + ".")), None)

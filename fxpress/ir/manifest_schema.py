@@ -189,6 +189,13 @@ def _check_branches(f: _Fields, branches: Any) -> None:
                 f.text(target, f"{where}.{key}[{i}]", MODULE_PATH)
         if entry.get("params") is not None:
             f.integer(entry["params"], f"{where}.params", 0, 1 << 50)
+        if entry.get("kind") == "image_adapter":
+            f.text(entry.get("input"), f"{where}.input", IDENTIFIER)
+            for key in ("features", "tokens", "width"):
+                f.integer(entry.get(key), f"{where}.{key}", 1, 1 << 20)
+            for key in ("modules", "wrappers"):
+                for i, path in enumerate(f.array(entry.get(key), f"{where}.{key}")):
+                    f.text(path, f"{where}.{key}[{i}]", MODULE_PATH)
         if entry.get("kind") == "control":
             f.text(entry.get("input"), f"{where}.input", IDENTIFIER)
             f.integer(entry.get("channels"), f"{where}.channels", 1, 1 << 12)

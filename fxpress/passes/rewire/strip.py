@@ -9,9 +9,11 @@ from torch import nn
 from fxpress.errors import RecipeError
 from fxpress.ir.graph import Graph, Inputs
 from fxpress.kernels.control import ControlledUNet
+from fxpress.kernels.image_adapter import ImageAdapted
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
 from fxpress.passes.rewire.branches import recaptured, registry, resolve_names
+from fxpress.passes.rewire.image_adapter import adapted_path
 
 
 def _strip_lora(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
@@ -32,7 +34,17 @@ def _strip_control(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[
     return model.unet, renamed
 
 
-STRIPPERS = {"lora": _strip_lora, "control": _strip_control}
+def _strip_image_adapter(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
+    if not isinstance(model, ImageAdapted):
+        raise RecipeError(f"branch {name!r}: the model is no longer the ImageAdapted model the adapter was added to")
+    inner = model.model
+    for path in entry["targets"]:
+        replace_submodule(inner, path, inner.get_submodule(path).attn)
+    renamed = {adapted_path(p, entry["targets"]): p for p, _ in inner.named_modules() if p}
+    return inner, renamed
+
+
+STRIPPERS = {"lora": _strip_lora, "control": _strip_control, "image_adapter": _strip_image_adapter}
 
 
 def _without(inputs: Inputs, names: list[str]) -> Inputs:
@@ -74,7 +86,7 @@ class StripBranches(Pass):
             return PassResult(graph, False, {"stripped": [], "role": self.role})
         model, renamed = graph.module, {}
         entries = registry(graph)
-        for name in sorted(names, key=lambda n: entries[n]["kind"] == "control"):  # the outermost wrapper last
+        for name in sorted(names, key=lambda n: entries[n]["kind"] != "lora"):  # the outermost wrappers last
             model, more = STRIPPERS[entries[name]["kind"]](model, name, entries[name])
             renamed = {old: more.get(new, new) for old, new in renamed.items()}
             renamed.update({old: new for old, new in more.items() if old not in renamed.values()})

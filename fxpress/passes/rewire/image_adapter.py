@@ -1,0 +1,91 @@
+"""`InsertImageAdapter`: decoupled image cross-attention at every cross-attention (`kernels.image_adapter`)."""
+
+from __future__ import annotations
+
+import torch
+
+from fxpress.errors import PassError, RecipeError
+from fxpress.ir.graph import Graph, Inputs
+from fxpress.ir.select import select
+from fxpress.kernels.image_adapter import ImageAdapted, ImageCrossAttention, is_cross_attention
+from fxpress.passes.base import Pass, PassResult
+from fxpress.passes.module_edit import replace_submodule
+from fxpress.passes.rewire.branches import check_new_name, recaptured, registry
+
+
+def context_width(attn: torch.nn.Module) -> int:
+    """The width of the context (text tokens) a cross-attention reads: its key projection's input."""
+    to_k = attn.to_k
+    return int(to_k.in_features if hasattr(to_k, "in_features") else to_k.weight.shape[1])
+
+
+def adapted_path(path: str, targets: list[str]) -> str:
+    """Where module `path` of the plain model lives once adapted (inside `model.`, a target's `.attn`)."""
+    for t in targets:
+        if path == t or path.startswith(t + "."):
+            return f"model.{t}.attn{path[len(t):]}"
+    return f"model.{path}"
+
+
+class InsertImageAdapter(Pass):
+    """Give every cross-attention (or those `targets` selects) image keys and values, and the model a new
+    keyword input `input_name`: image features (N, `features`) made into `tokens` tokens by a trainable
+    projector. The output is unchanged until the adapter trains."""
+
+    provides = ("branches",)
+    transforms = True
+
+    def __init__(self, features: int, tokens: int = 4, name: str = "image", input_name: str = "image_embeds",
+                 targets: list[str] | None = None, role: str = "adapter", scale: float = 1.0, seed: int = 0):
+        if not isinstance(features, int) or features < 1 or not isinstance(tokens, int) or tokens < 1:
+            raise RecipeError(f"InsertImageAdapter: features and tokens must be positive integers, got "
+                              f"{features!r}, {tokens!r}")
+        if role not in ("adapter", "train_only"):
+            raise RecipeError(f"InsertImageAdapter: role must be 'adapter' or 'train_only', got {role!r}")
+        self.features, self.tokens, self.branch, self.input_name = features, tokens, name, input_name
+        self.targets, self.role, self.scale, self.seed = targets, role, float(scale), seed
+
+    def run(self, graph: Graph) -> PassResult:
+        check_new_name(graph, self.branch, self.name)
+        if registry(graph):
+            raise RecipeError(f"{self.name}: insert the image adapter before other branches (the model has "
+                              f"{', '.join(registry(graph))})")
+        if self.input_name in graph.input_names or self.input_name in graph.example.kwargs:
+            raise RecipeError(f"{self.name}: the model already has an input named {self.input_name!r}")
+        model = graph.module
+        found = {p: (type(m).__name__, "attention") for p, m in model.named_modules() if is_cross_attention(m)}
+        if not found:
+            raise PassError(f"{type(model).__name__} has no cross-attention (an attention module with a separate "
+                            "context) to add image keys and values to", self.name)
+        chosen = list(select(self.targets, found, what="image adapter target") if self.targets else found)
+        widths = {context_width(model.get_submodule(p)) for p in chosen}
+        if len(widths) != 1:
+            raise RecipeError(f"{self.name}: the chosen cross-attentions read contexts of different widths "
+                              f"{sorted(widths)}; choose attentions of one width with targets=")
+        width = widths.pop()
+        generator = torch.Generator().manual_seed(self.seed)
+        device = next(model.parameters()).device
+        for path in chosen:
+            replace_submodule(model, path, ImageCrossAttention(model.get_submodule(path), width, generator).to(device))
+        adapted = ImageAdapted(model, self.features, self.tokens, width, self.input_name, self.scale).to(device)
+        gen = torch.Generator().manual_seed(self.seed + 1)
+
+        def with_image(inputs: Inputs) -> Inputs:
+            batch = inputs.batch_size or 1
+            return Inputs(inputs.args, {**inputs.kwargs,
+                                        self.input_name: torch.randn(batch, self.features, generator=gen).to(device)})
+
+        graph.example = with_image(graph.example)
+        graph.calibration = [with_image(c) for c in graph.calibration]
+        wrapped = [model.get_submodule(t) for t in chosen]
+        params = sum(p.numel() for p in adapted.image_projector.parameters()) + sum(
+            m.to_k_ip.weight.numel() + m.to_v_ip.weight.numel() for m in wrapped)
+        registry(graph)[self.branch] = {
+            "kind": "image_adapter", "role": self.role, "scale": self.scale, "input": self.input_name,
+            "features": self.features, "tokens": self.tokens, "width": width, "targets": chosen,
+            "modules": ["image_projector", *[f"model.{t}.{part}" for t in chosen for part in ("to_k_ip", "to_v_ip")]],
+            "wrappers": [f"model.{t}" for t in chosen], "scale_modules": [""], "params": params,
+        }
+        new = recaptured(graph, adapted, {p: adapted_path(p, chosen) for p in graph.layers})
+        return PassResult(new, True, {"branch": self.branch, "attentions": len(chosen), "width": width,
+                                      "params": params, "input": self.input_name})
