@@ -265,3 +265,13 @@ def test_cli_rewire_strip_fuse_and_inspect(tiny_artifact, tmp_path, capsys):
     assert main(["strip", str(shortcut), "--names", "nope", "--out", str(bad)]) == 2
     assert main(["fuse", str(tmp_path), "--out", str(bad)]) == 2
     assert not bad.exists()
+
+
+def test_a_stripped_model_compresses_like_any_model(tiny_unet):
+    model, example = tiny_unet
+    graph = capture(copy.deepcopy(model), example.args, example.kwargs)
+    rewired, _ = Pipeline([InsertLoRA(["to_q"], rank=2, name="shortcut", role="train_only")]).run(graph)
+    stripped, _ = Pipeline([StripBranches()]).run(rewired)
+    result = fxpress.compress(stripped.module, example, "uniform", target_bits=4)
+    assert result.summary["weights_only_bits"] <= 4.0
+    assert not any("lora" in p for p in result.graph.layers)
