@@ -94,6 +94,35 @@ def test_zero_init_scale_zero_and_strip_give_the_plain_unet(unet, tmp_path):
     assert set(stripped.layers) == set(graph.layers)  # every layer back at its own path
 
 
+@pytest.mark.parametrize("name", ["dit-s", "testbed-digits-dit"])
+def test_a_transformer_control_branch_is_exact_at_insertion_scale_zero_and_strip(name, tmp_path):
+    entry = zoo.get(name)
+    example = entry.example_inputs()
+    graph = capture(entry.build(), example.args, example.kwargs)
+    plain = first(graph.run())
+    attached, report = Pipeline([AttachControlBranch(blocks=2)],
+                                verify=Inputs(example.args, dict(example.kwargs))).run(graph)
+    details = report.passes[0].details
+    assert details["blocks"] == 2 and details["embedding"]
+    sample_name = attached.input_names[0]
+    control = torch.randn(attached.example.kwargs[sample_name].shape, generator=torch.Generator().manual_seed(3))
+    with_map = Inputs((), {**attached.example.kwargs, "control": control})
+    assert torch.equal(first(attached.run(with_map)), plain)  # zero projections: no change yet
+    with torch.no_grad():
+        for n, p in attached.module.named_parameters():
+            if n.startswith("zero_in") or ".zero_out." in n:
+                p.normal_(0, 0.05)
+    trained = first(attached.run(with_map))
+    assert not torch.equal(trained, plain)
+    loaded = fxpress.load(fxpress.save(attached, tmp_path / "controlled")["path"])
+    assert torch.equal(first(loaded(**with_map.kwargs)), trained)
+    set_branch_scale(attached, "control", 0.0)
+    assert torch.equal(first(attached.run(with_map)), plain)
+    stripped, _ = Pipeline([StripBranches(role="adapter")]).run(attached)
+    assert "control" not in stripped.input_names and set(stripped.layers) == set(graph.layers)
+    assert torch.equal(first(stripped.run()), plain)
+
+
 def test_bad_models_and_control_maps_are_refused(unet):
     model, example = unet
     graph = capture(copy.deepcopy(model), example.args, example.kwargs)
@@ -102,8 +131,8 @@ def test_bad_models_and_control_maps_are_refused(unet):
     message = r"control input 'control' has shape \(2, 3, 16, 16\); .* takes \(2, 3, 32, 32\)"
     with pytest.raises(ModelError, match=message):
         attached.module(**example.kwargs, control=wrong)
-    dit = zoo.get("dit-s")
-    dit_graph = capture(dit.build(), dit.example_inputs().args, dit.example_inputs().kwargs)
-    with pytest.raises(PassError, match="takes no control residuals"):
-        Pipeline([AttachControlBranch()]).run(dit_graph)
+    clip = zoo.get("clip-text")
+    text_graph = capture(clip.build(), clip.example_inputs().args, clip.example_inputs().kwargs)
+    with pytest.raises(PassError, match="takes no control residuals and has no list of transformer blocks"):
+        Pipeline([AttachControlBranch()]).run(text_graph)
     assert registry(graph) == {} and "control" not in graph.example.kwargs  # the input graph is untouched

@@ -26,7 +26,12 @@ from fxpress.ir.artifact import read_artifact
 from fxpress.ir.module_paths import replace_submodule
 from fxpress.kernels import entropy
 from fxpress.kernels.bypass import Bypass, StreamArg
-from fxpress.kernels.control import ControlledUNet, build_controlnet, takes_control_residuals
+from fxpress.kernels.control import (
+    ControlledTransformer,
+    ControlledUNet,
+    build_controlnet,
+    takes_control_residuals,
+)
 from fxpress.kernels.guidance import GuidanceConditioned
 from fxpress.kernels.image_adapter import ImageAdapted, ImageCrossAttention
 from fxpress.kernels.lora import LoRA
@@ -176,7 +181,16 @@ def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> nn.M
     for name, entry in branches.items():
         if entry["kind"] not in ("lora", "control", "image_adapter"):
             raise ArtifactError(f"branch {name!r} is of kind {entry['kind']!r}, which this fxpress cannot rebuild")
-        if entry["kind"] == "control":
+        if entry["kind"] == "control" and entry.get("blocks"):
+            try:
+                with torch.device("meta"):
+                    skeleton = ControlledTransformer(skeleton, entry["blocks"], entry["count"], entry["embed"],
+                                                     entry["width"], entry["input"], entry["scale"],
+                                                     entry["sample_input"])
+            except (AttributeError, IndexError, TypeError) as exc:
+                raise ArtifactError(f"branch {name!r} copies blocks {entry['blocks']!r} and embedding "
+                                    f"{entry['embed']!r}, which the rebuilt model lacks: {exc}") from exc
+        elif entry["kind"] == "control":
             if not takes_control_residuals(skeleton):
                 raise ArtifactError(f"branch {name!r} is a control branch, but the rebuilt "
                                     f"{type(skeleton).__name__} takes no control residuals")

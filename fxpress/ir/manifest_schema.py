@@ -201,10 +201,16 @@ def _check_branches(f: _Fields, branches: Any) -> None:
             f.integer(entry.get("channels"), f"{where}.channels", 1, 1 << 12)
             for i, width in enumerate(f.array(entry.get("embedding_channels"), f"{where}.embedding_channels")[:16]):
                 f.integer(width, f"{where}.embedding_channels[{i}]", 1, 1 << 16)
-            for key in ("modules", "scale_modules"):
-                for i, path in enumerate(f.array(entry.get(key), f"{where}.{key}")):
+            for key in ("modules", "scale_modules", "wrappers"):
+                for i, path in enumerate(f.array(entry.get(key, []), f"{where}.{key}")):
                     if path:
                         f.text(path, f"{where}.{key}[{i}]", MODULE_PATH)
+            if entry.get("blocks") is not None:  # a transformer's control branch
+                f.text(entry["blocks"], f"{where}.blocks", MODULE_PATH)
+                f.text(entry.get("embed"), f"{where}.embed", MODULE_PATH)
+                f.text(entry.get("sample_input"), f"{where}.sample_input", IDENTIFIER)
+                f.integer(entry.get("count"), f"{where}.count", 1, 1 << 12)
+                f.integer(entry.get("width"), f"{where}.width", 1, 1 << 20)
         if entry.get("kind") == "lora":
             f.integer(entry.get("rank"), f"{where}.rank", 1, 1 << 16)
             f.number(entry.get("alpha"), f"{where}.alpha")

@@ -10,6 +10,7 @@ multiplies the residuals, and at 0 the output equals the plain UNet's exactly.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -70,3 +71,83 @@ class ControlledUNet(nn.Module):
         down = [r * self.scale.to(r.dtype) for r in down]
         return self.unet(sample, timestep, encoder_hidden_states, *args, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid * self.scale.to(mid.dtype), **kwargs)
+
+
+def block_list(model: nn.Module) -> str | None:
+    """The name of the model's transformer-block list: its largest top-level ModuleList of one module type."""
+    lists = [(len(child), name) for name, child in model.named_children()
+             if isinstance(child, nn.ModuleList) and len(child) and len({type(m) for m in child}) == 1]
+    return max(lists)[1] if lists else None
+
+
+class ControlledBlock(nn.Module):
+    """One of the first k blocks of a controlled transformer: the base block, its trainable copy run on the
+    control stream, and a zero-initialised projection adding the copy's output to the base's."""
+
+    def __init__(self, block: nn.Module, width: int):
+        super().__init__()
+        self.block = block
+        self.control_block = copy.deepcopy(block)
+        self.zero_out = nn.Linear(width, width)
+        nn.init.zeros_(self.zero_out.weight)
+        nn.init.zeros_(self.zero_out.bias)
+        self.stream: dict[str, Any] | None = None  # set by ControlledTransformer for the length of one call
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # models read their blocks' parts (DiT: transformer_blocks[0].norm1)
+            return getattr(super().__getattr__("block"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.block(hidden_states, *args, **kwargs)
+        if self.stream is None:
+            return out
+        control = self.stream.get("tokens")
+        if control is None:  # the first controlled block starts the stream from its own input
+            control = hidden_states + self.stream.pop("embedded")
+        control = self.control_block(control, *args, **kwargs)
+        self.stream["tokens"] = control
+        return out + self.zero_out(control) * self.stream["scale"].to(out.dtype)
+
+
+class ControlledTransformer(nn.Module):
+    """A transformer (DiT) with a control branch: the control map (shaped like the sample) goes through a
+    trainable copy of the model's patch embedding and a zero-initialised projection into the token stream
+    of the first k blocks' trainable copies; each copy's output is added to its base block's through a
+    zero-initialised projection. Zero projections leave the output unchanged; `scale` multiplies the
+    branch, and at 0 the output equals the plain model's exactly."""
+
+    def __init__(self, model: nn.Module, blocks: str, count: int, embed_path: str, width: int,
+                 input_name: str = "control", scale: float = 1.0, sample_input: str = "hidden_states"):
+        super().__init__()
+        self.model, self.blocks, self.count, self.input_name = model, blocks, int(count), input_name
+        self.sample_input = sample_input
+        self.control_embed = copy.deepcopy(model.get_submodule(embed_path))
+        self.zero_in = nn.Linear(width, width)
+        nn.init.zeros_(self.zero_in.weight)
+        nn.init.zeros_(self.zero_in.bias)
+        block_list_ = model.get_submodule(blocks)
+        for i in range(self.count):
+            if not isinstance(block_list_[i], ControlledBlock):
+                block_list_[i] = ControlledBlock(block_list_[i], width)
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
+        self.config = getattr(model, "config", None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        control = kwargs.pop(self.input_name, None)
+        if control is None:
+            return self.model(*args, **kwargs)
+        sample = args[0] if args else kwargs[self.sample_input]
+        if tuple(control.shape) != tuple(sample.shape):
+            raise ModelError(f"control input {self.input_name!r} has shape {tuple(control.shape)}; the control "
+                             f"branch of a transformer takes the sample's shape {tuple(sample.shape)}")
+        stream = {"embedded": self.zero_in(self.control_embed(control)), "scale": self.scale}
+        controlled = [b for b in self.model.get_submodule(self.blocks)[: self.count]]
+        for block in controlled:
+            block.stream = stream
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for block in controlled:
+                block.stream = None

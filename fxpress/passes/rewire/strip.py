@@ -8,7 +8,7 @@ from torch import nn
 
 from fxpress.errors import RecipeError
 from fxpress.ir.graph import Graph, Inputs
-from fxpress.kernels.control import ControlledUNet
+from fxpress.kernels.control import ControlledTransformer, ControlledUNet
 from fxpress.kernels.image_adapter import ImageAdapted
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
@@ -28,8 +28,20 @@ def _strip_lora(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.
 
 
 def _strip_control(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
+    if isinstance(model, ControlledTransformer):
+        inner, blocks, count = model.model, entry["blocks"], entry["count"]
+        items = inner.get_submodule(blocks)
+        for i in range(count):
+            items[i] = items[i].block
+        wrapped = [f"{blocks}.{i}" for i in range(count)]
+
+        def before(path: str) -> str:
+            owner = next((w for w in wrapped if path == w or path.startswith(w + ".")), None)
+            return f"model.{owner}.block{path[len(owner):]}" if owner else f"model.{path}"
+
+        return inner, {before(p): p for p, _ in inner.named_modules() if p}
     if not isinstance(model, ControlledUNet):
-        raise RecipeError(f"branch {name!r}: the model is no longer the ControlledUNet the branch was attached to")
+        raise RecipeError(f"branch {name!r}: the model is no longer the controlled model the branch was attached to")
     renamed = {f"unet.{p}": p for p, _ in model.unet.named_modules() if p}
     return model.unet, renamed
 
