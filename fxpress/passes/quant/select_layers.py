@@ -16,7 +16,13 @@ SPECIAL = ("first", "last", "time_embedding")
 
 def layer_candidates(graph: Graph) -> dict[str, tuple[str, str]]:
     """{path: (module class name, layer kind)} of every weight-bearing layer, for `fxpress.ir.select`."""
-    return {p: (type(graph.module.get_submodule(p)).__name__, layer.kind) for p, layer in graph.layers.items()}
+    out = {}
+    for path, layer in graph.layers.items():
+        try:
+            out[path] = (type(graph.module.get_submodule(path)).__name__, layer.kind)
+        except AttributeError:  # replaced since capture (a cached time embedding is a table now)
+            continue
+    return out
 
 
 def resolve_keep(graph: Graph, keep: list[str]) -> dict[str, str]:

@@ -115,14 +115,14 @@ class FuseLoRA(Pass):
                         old, change = base.weight.double(), wrapper.delta_weight()
                         new, error = requantized(base, old + change)
                         realized = new.weight.double() - old
-                        kept = float((realized * change).sum() / (change * change).sum().clamp_min(1e-300))
+                        carried = float((realized * change).sum() / (change * change).sum().clamp_min(1e-300))
                         replace_submodule(model, path, new)
                         renamed[f"{path}.base_layer"] = path
                         base_path = f"{path}.base_layer"
                         quant_error = graph.annotation(base_path).weight_error if base_path in graph.layers else None
                         layers[path] = {"branch": name, "base": "low-bit", "levels": base.levels,
                                         "fuse_error": error, "quantization_error": quant_error,
-                                        "change_kept": kept}
+                                        "change_kept": carried}
                     else:
                         fuse_float(wrapper)
                         kept.append(path)

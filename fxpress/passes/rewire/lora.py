@@ -23,7 +23,10 @@ def lora_candidates(graph: Graph) -> dict[str, tuple[str, str]]:
     wrapped = {p for p, m in model.named_modules() if isinstance(m, LoRA)}
     out = {}
     for path, layer in graph.layers.items():
-        module = model.get_submodule(path)
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # replaced since capture (a cached time embedding is a table now)
+            continue
         if not isinstance(module, BASE_TYPES) or graph.annotation(path).branch is not None:
             continue
         if path.rpartition(".")[0] in wrapped:

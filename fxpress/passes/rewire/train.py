@@ -21,6 +21,7 @@ from fxpress.ir.select import select
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.passes.base import PassResult
 from fxpress.passes.context import PassContext
+from fxpress.passes.quant.select_layers import layer_candidates
 from fxpress.passes.rewire.branches import registry, resolve_names
 from fxpress.passes.training_pass import TrainingPass
 from fxpress.training.loop import EMA, step_generator
@@ -77,8 +78,7 @@ def base_parameters(graph: Graph, selectors: tuple[str, ...]) -> dict[str, list[
     low-bit layers, whose packed codes cannot train."""
     if not selectors:
         return {}
-    candidates = {p: (type(graph.module.get_submodule(p)).__name__, layer.kind) for p, layer in graph.layers.items()
-                  if graph.annotation(p).branch is None}
+    candidates = {p: v for p, v in layer_candidates(graph).items() if graph.annotation(p).branch is None}
     chosen = select(selectors, candidates, what="also_train selector")
     packed = [p for p in chosen if isinstance(graph.module.get_submodule(p), (LowBitLinear, LowBitConv2d))]
     if packed:
