@@ -52,17 +52,21 @@ def mark_branches(graph: Graph) -> None:
             wrappers.update({t: name for t in entry["targets"]})
         wrappers.update({p: name for p in entry.get("wrappers", [])})
         scale_owners.update({p: name for p in entry.get("scale_modules", [])})
+
+    def owner_branch(path: str | None) -> str | None:
+        while path:  # the path itself, then each enclosing module
+            if path in owned:
+                return owned[path]
+            path = path.rpartition(".")[0]
+        return None
+
     for path in graph.layers:
-        name = next((owned[p] for p in owned if path == p or path.startswith(p + ".")), None)
+        name = owner_branch(path)
         if name is not None:
             entry = entries[name]
             ann = graph.annotation(path)
             ann.branch = BranchSpec(name, entry["kind"], entry["role"], float(entry["scale"]))
             ann.keep_reason = ann.keep_reason or f"branch:{name}"  # branch layers stay in float
-    def owner_branch(path: str | None) -> str | None:
-        if path is None:
-            return None
-        return next((owned[p] for p in owned if path == p or path.startswith(p + ".")), None)
 
     names = {**graph.param_names, **graph.buffer_names}
     for node in graph.graph_module.graph.nodes:

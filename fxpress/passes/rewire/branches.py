@@ -5,7 +5,6 @@ The registry itself and the marking of branch layers and nodes live in `fxpress.
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
@@ -69,15 +68,11 @@ def set_branch_scale(target: Graph | nn.Module, name: str, scale: float) -> None
     captured graph reads). `target` is a Graph or a model loaded from an artifact."""
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale != scale or abs(scale) == float("inf"):
         raise RecipeError(f"branch scale must be a finite number, got {scale!r}")
-    if isinstance(target, Graph):
-        entry = registry(target).get(name)
-        model = target.module
-    else:
-        entry = (getattr(target, "fxpress_branches", None) or {}).get(name)
-        model = target
+    entries = registry(target) if isinstance(target, Graph) else getattr(target, "fxpress_branches", None) or {}
+    model = target.module if isinstance(target, Graph) else target
+    entry = entries.get(name)
     if entry is None:
-        known = registry(target) if isinstance(target, Graph) else getattr(target, "fxpress_branches", None) or {}
-        raise RecipeError(f"no branch named {name!r}; the model has {', '.join(map(repr, known)) or 'no branches'}")
+        raise RecipeError(f"no branch named {name!r}; the model has {', '.join(map(repr, entries)) or 'no branches'}")
     if entry.get("fused"):
         raise RecipeError(f"branch {name!r} is fused into its base weights; unfuse it before changing its scale")
     for module in branch_scale_buffers(model, entry):
@@ -94,10 +89,5 @@ def branch_scale_buffers(model: nn.Module, entry: dict[str, Any]) -> list[torch.
     return [model.get_submodule(p).scale for p in entry.get("scale_modules", [])]
 
 
-def copy_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of a registry entry (entries are JSON data)."""
-    return copy.deepcopy(entry)
-
-
-__all__ = ["BRANCH_META", "branch_modules", "check_new_name", "copy_entry", "lora_modules", "mark_branches",
-           "recaptured", "registry", "resolve_names", "set_branch_scale", "branch_scale_buffers"]
+__all__ = ["BRANCH_META", "branch_modules", "branch_scale_buffers", "check_new_name", "lora_modules", "mark_branches",
+           "recaptured", "registry", "resolve_names", "set_branch_scale"]
