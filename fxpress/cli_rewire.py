@@ -131,8 +131,14 @@ def _edit(args: argparse.Namespace, console: Console, action: str) -> int:
         what = f"stripped {', '.join(row['stripped']) or 'nothing'} (role {row['role']})"
     else:
         layers = row["layers"]
-        worst = max((r["fuse_error"] for r in layers.values() if r["base"] == "low-bit"), default=None)
-        what = (f"fused {', '.join(row['fused']) or 'nothing'} into {len(layers)} layers"
-                + (f"; worst low-bit fuse error {worst:.3g}" if worst is not None else ""))
+        low = [r for r in layers.values() if r["base"] == "low-bit"]
+        what = f"fused {', '.join(row['fused']) or 'nothing'} into {len(layers)} layers"
+        if low:
+            kept = sum(r["change_kept"] for r in low) / len(low)
+            what += (f"; {len(low)} low-bit layers requantized, worst fuse error "
+                     f"{max(r['fuse_error'] for r in low):.3g}, {kept:.0%} of the LoRA's change kept on average")
+            if kept < 0.5:
+                what += (" (the change is small against the low-bit grid: keep the LoRA as a branch for its "
+                         "full effect)")
     _save(new, manifest, args, console, what)
     return 0
