@@ -48,6 +48,10 @@ def test_image_adapter_is_exact_at_insertion_scale_zero_and_strip(name, tmp_path
     assert any(n.op == "call_function" for n in marked) and any(n.op == "placeholder" for n in marked)
     loaded = fxpress.load(fxpress.save(adapted, tmp_path / "adapted")["path"])
     assert torch.equal(first(loaded(*adapted.example.args, **adapted.example.kwargs)), trained)
+    again = capture(loaded, adapted.example.args, adapted.example.kwargs)  # a loaded model saves again
+    assert again.source == graph.source and list(registry(again)) == ["image"]
+    reloaded = fxpress.load(fxpress.save(again, tmp_path / "again")["path"])
+    assert torch.equal(first(reloaded(*adapted.example.args, **adapted.example.kwargs)), trained)
     set_branch_scale(adapted, "image", 0.0)
     assert torch.equal(first(adapted.run()), plain)
     stripped, _ = Pipeline([StripBranches(role="adapter")]).run(adapted)

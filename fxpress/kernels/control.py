@@ -54,6 +54,11 @@ class ControlledUNet(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.config = getattr(unet, "config", None)  # pipelines and samplers read the UNet's config
 
+    @property
+    def wrapped(self) -> nn.Module:
+        """The UNet inside (what an artifact's source describes)."""
+        return self.unet
+
     def _check(self, sample: torch.Tensor, control: torch.Tensor) -> None:
         expected = control_shape(self.controlnet, sample.shape)
         if tuple(control.shape) != expected:
@@ -133,6 +138,11 @@ class ControlledTransformer(nn.Module):
                 block_list_[i] = ControlledBlock(block_list_[i], width)
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.config = getattr(model, "config", None)
+
+    @property
+    def wrapped(self) -> nn.Module:
+        """The transformer inside (what an artifact's source describes)."""
+        return self.model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         control = kwargs.pop(self.input_name, None)

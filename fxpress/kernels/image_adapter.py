@@ -79,6 +79,11 @@ class ImageAdapted(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.config = getattr(model, "config", None)
 
+    @property
+    def wrapped(self) -> nn.Module:
+        """The model inside (what an artifact's source describes)."""
+        return self.model
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(N, features) image features → (N, tokens, width) image tokens."""
         linear, norm = self.image_projector
