@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -238,14 +235,10 @@ def test_cli_distill_then_bench_quality_samples_with_its_own_steps(tmp_path):
 
 
 def test_a_distillation_round_under_torchrun_matches_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FXPRESS_QUIET": "1"}
-    args = ["-m", "fxpress.cli", "distill", "testbed-digits-unet", "--method", "progressive", "--steps", "2",
-            "--teacher-steps", "4", "--train-steps", "3", "--batch", "8"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for command, out in (([sys.executable, *args], "one"), ([*launch, *args], "two")):
-        done = subprocess.run([*command, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    from torchrun import one_and_two_processes
+
+    one_and_two_processes(["distill", "testbed-digits-unet", "--method", "progressive", "--steps", "2",
+                           "--teacher-steps", "4", "--train-steps", "3", "--batch", "8"], tmp_path)
     one, two = fxpress.load(tmp_path / "one"), fxpress.load(tmp_path / "two")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     rounds = next(p for p in manifest["report"] if p["name"] == "ProgressiveDistill")["details"]["rounds"]

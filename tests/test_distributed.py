@@ -70,17 +70,13 @@ def test_unusable_checkpoint_is_a_typed_error(tmp_path, bad):
 
 def test_qat_under_torchrun_matches_one_process(tmp_path):
     """`fxpress compress --qat` needs no change to run on 2 processes; the artifacts agree."""
+    from torchrun import one_and_two_processes
+
     import fxpress
     from fxpress.frontends import zoo
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FXPRESS_QUIET": "1"}
-    args = ["-m", "fxpress.cli", "compress", "testbed-digits-unet", "--recipe", "uniform", "--qat", "3,2",
-            "--no-verify"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for command, out in (([sys.executable, *args], "one"), ([*launch, *args], "two")):
-        done = subprocess.run([*command, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    one_and_two_processes(["compress", "testbed-digits-unet", "--recipe", "uniform", "--qat", "3,2", "--no-verify"],
+                          tmp_path)
     one, two = fxpress.load(tmp_path / "one"), fxpress.load(tmp_path / "two")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     qat = next(p for p in manifest["report"] if p["name"] == "TrainQuantized")["details"]

@@ -28,11 +28,6 @@ def first(out):
     return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
 
 
-@pytest.fixture(scope="module")
-def unet():
-    entry = zoo.get("tiny-unet")
-    return entry.build(), entry.example_inputs()
-
 
 def trained_controlnet(model, seed: int = 0) -> ControlNetModel:
     """diffusers' ControlNetModel from `model`, its zero convs given values as training would."""
@@ -50,8 +45,8 @@ def control_map(example, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, 2 * h, 2 * w, generator=torch.Generator().manual_seed(seed))
 
 
-def test_a_branch_from_diffusers_controlnet_matches_diffusers_own_call(unet):
-    model, example = unet
+def test_a_branch_from_diffusers_controlnet_matches_diffusers_own_call(tiny_unet):
+    model, example = tiny_unet
     controlnet = trained_controlnet(model)
     control = control_map(example)
     kw = example.kwargs
@@ -69,8 +64,8 @@ def test_a_branch_from_diffusers_controlnet_matches_diffusers_own_call(unet):
     assert "control" in marked
 
 
-def test_zero_init_scale_zero_and_strip_give_the_plain_unet(unet, tmp_path):
-    model, example = unet
+def test_zero_init_scale_zero_and_strip_give_the_plain_unet(tiny_unet, tmp_path):
+    model, example = tiny_unet
     graph = capture(copy.deepcopy(model), example.args, example.kwargs)
     plain = first(graph.run())
     attached, report = Pipeline([AttachControlBranch(embedding_channels=EMBEDDING, role="train_only")],
@@ -123,8 +118,8 @@ def test_a_transformer_control_branch_is_exact_at_insertion_scale_zero_and_strip
     assert torch.equal(first(stripped.run()), plain)
 
 
-def test_bad_models_and_control_maps_are_refused(unet):
-    model, example = unet
+def test_bad_models_and_control_maps_are_refused(tiny_unet):
+    model, example = tiny_unet
     graph = capture(copy.deepcopy(model), example.args, example.kwargs)
     attached, _ = Pipeline([AttachControlBranch(embedding_channels=EMBEDDING)]).run(graph)
     wrong = torch.zeros(2, 3, 16, 16)

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxpress.errors import RecipeError
-from fxpress.frontends import zoo
 from fxpress.frontends.capture import capture
 from fxpress.passes.pipeline import Pipeline
 from fxpress.passes.rewire.branches import registry
@@ -24,18 +23,13 @@ def first(out):
     return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
 
 
-@pytest.fixture(scope="module")
-def unet():
-    entry = zoo.get("tiny-unet")
-    return entry.build(), entry.example_inputs()
 
-
-def test_a_lora_trained_and_saved_by_peft_loads_and_matches(unet, tmp_path):
+def test_a_lora_trained_and_saved_by_peft_loads_and_matches(tiny_unet, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from peft import LoraConfig, get_peft_model
 
-    model, example = unet
+    model, example = tiny_unet
     base = copy.deepcopy(model)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
                         init_lora_weights=True)
@@ -66,8 +60,8 @@ def test_a_lora_trained_and_saved_by_peft_loads_and_matches(unet, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["peft", "diffusers"])
-def test_fxpress_lora_files_round_trip(unet, tmp_path, layout):
-    model, example = unet
+def test_fxpress_lora_files_round_trip(tiny_unet, tmp_path, layout):
+    model, example = tiny_unet
     graph = capture(copy.deepcopy(model), example.args, example.kwargs)
     rewired, _ = Pipeline([InsertLoRA(["to_q", "to_v", "type:Conv2d"], rank=3, alpha=6, name="style")]).run(graph)
     gen = torch.Generator().manual_seed(1)
@@ -88,8 +82,8 @@ def test_fxpress_lora_files_round_trip(unet, tmp_path, layout):
     assert torch.equal(first(again.run()), first(rewired.run()))
 
 
-def test_bad_lora_files_are_refused_with_their_keys(unet, tmp_path):
-    model, example = unet
+def test_bad_lora_files_are_refused_with_their_keys(tiny_unet, tmp_path):
+    model, example = tiny_unet
     graph = capture(copy.deepcopy(model), example.args, example.kwargs)
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     layer = graph.module.get_submodule(path)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -105,13 +102,9 @@ def test_lora_training_under_torchrun_matches_one_process(tmp_path):
     recipe = tmp_path / "adapter.toml"
     recipe.write_text('recipe = "adapter"\nlora = ["to_q", "to_v"]\nrank = 4\n'
                       '[train]\nsteps = 3\nbatch = 8\nlr = 1e-3\nema = 0.5\n')
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FXPRESS_QUIET": "1"}
-    args = ["-m", "fxpress.cli", "compress", "testbed-digits-unet", "--recipe", str(recipe), "--no-verify"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for command, out in (([sys.executable, *args], "one"), ([*launch, *args], "two")):
-        done = subprocess.run([*command, "--out", str(tmp_path / out)], env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    from torchrun import one_and_two_processes
+
+    one_and_two_processes(["compress", "testbed-digits-unet", "--recipe", str(recipe), "--no-verify"], tmp_path)
     one, two = fxpress.load(tmp_path / "one"), fxpress.load(tmp_path / "two")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     trained = next(p for p in manifest["report"] if p["name"] == "TrainBranches")["details"]

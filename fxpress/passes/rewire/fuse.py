@@ -84,24 +84,37 @@ def unfuse_float(wrapper: LoRA) -> None:
     wrapper.fused = False
 
 
-class FuseLoRA(Pass):
-    """Fold the LoRA branches `names` (default: every unfused LoRA branch) into their base weights."""
+class _LoRAState(Pass):
+    """A pass over LoRA branches in one fused state: `names`, or by default every LoRA branch in it."""
 
-    provides = ("fused",)
     transforms = True
+    wants_fused: bool
 
     def __init__(self, names: list[str] | tuple[str, ...] | None = None):
         self.names = None if names is None else list(names)
 
+    def chosen(self, graph: Graph) -> list[str]:
+        """The branches to act on; RecipeError for an unknown one, one of another kind or in the other state."""
+        entries = registry(graph)
+        if self.names is None:
+            return [n for n, e in entries.items() if e["kind"] == "lora" and bool(e.get("fused")) == self.wants_fused]
+        for name in resolve_names(graph, self.names, self.name):
+            if entries[name]["kind"] != "lora":
+                raise RecipeError(f"{self.name}: branch {name!r} is a {entries[name]['kind']} branch, not LoRA")
+            if bool(entries[name].get("fused")) != self.wants_fused:
+                raise RecipeError(f"{self.name}: branch {name!r} is {'not ' if self.wants_fused else ''}fused")
+        return list(self.names)
+
+
+class FuseLoRA(_LoRAState):
+    """Fold the LoRA branches `names` (default: every unfused LoRA branch) into their base weights."""
+
+    provides = ("fused",)
+    wants_fused = False
+
     def run(self, graph: Graph) -> PassResult:
         entries = registry(graph)
-        names = [n for n, e in entries.items() if e["kind"] == "lora" and not e.get("fused")] \
-            if self.names is None else resolve_names(graph, self.names, self.name)
-        for name in names:
-            if entries[name]["kind"] != "lora":
-                raise RecipeError(f"FuseLoRA: branch {name!r} is a {entries[name]['kind']} branch, not LoRA")
-            if entries[name].get("fused"):
-                raise RecipeError(f"FuseLoRA: branch {name!r} is fused already")
+        names = self.chosen(graph)
         model, renamed = graph.module, {}
         layers: dict[str, dict[str, Any]] = {}
         with torch.no_grad():
@@ -133,23 +146,17 @@ class FuseLoRA(Pass):
         return PassResult(new, bool(names), {"fused": names, "layers": layers})
 
 
-class UnfuseLoRA(Pass):
+class UnfuseLoRA(_LoRAState):
     """Take fused LoRA branches (float bases) out of the weights again; they run as branches once more."""
 
     provides = ("unfused",)
-    transforms = True
-
-    def __init__(self, names: list[str] | tuple[str, ...] | None = None):
-        self.names = None if names is None else list(names)
+    wants_fused = True
 
     def run(self, graph: Graph) -> PassResult:
         entries = registry(graph)
-        names = [n for n, e in entries.items() if e["kind"] == "lora" and e.get("fused")] \
-            if self.names is None else resolve_names(graph, self.names, self.name)
+        names = self.chosen(graph)
         for name in names:
             entry = entries[name]
-            if not entry.get("fused"):
-                raise RecipeError(f"UnfuseLoRA: branch {name!r} is not fused")
             if entry.get("merged"):
                 raise RecipeError(f"UnfuseLoRA: branch {name!r} was requantized into low-bit layers "
                                   f"{entry['merged'][:3]}; their codes cannot be unfused")
