@@ -116,3 +116,33 @@ def test_lora_training_under_torchrun_matches_one_process(tmp_path):
     norm = sum(float(a.square().sum()) for a, _ in pairs)
     print(f"relative L2 distance between the 1- and 2-process LoRA factors {(diff / norm) ** 0.5:.2e}")
     assert (diff / norm) ** 0.5 <= 1e-5
+
+
+def test_low_bit_layers_pass_gradients_to_their_input(tiny_compressed):
+    from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+
+    modules = tiny_compressed.graph.module.named_modules()
+    layers = {type(m): m for _, m in modules if isinstance(m, (LowBitLinear, LowBitConv2d))}
+    gen = torch.Generator().manual_seed(0)
+    for kind, layer in layers.items():
+        dense = layer.to_dense()
+        shape = (2, 5, layer.in_features) if kind is LowBitLinear else (2, layer.in_channels, 6, 6)
+        x = torch.randn(shape, generator=gen)
+        grads = []
+        for module in (layer, dense):
+            leaf = x.clone().requires_grad_(True)
+            (module(leaf) * torch.linspace(-1, 1, module(leaf).numel()).view_as(module(leaf))).sum().backward()
+            grads.append(leaf.grad)
+        assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6), kind.__name__
+    assert set(layers) == {LowBitLinear, LowBitConv2d}
+
+
+def test_lora_trains_over_a_packed_low_bit_model(digits):
+    model, example, data = digits
+    low = fxpress.compress(model, example, "uniform", target_bits=4, training_data=None)
+    config = AdapterConfig(steps=4, batch=8, lr=1e-2)
+    trained, _ = Pipeline([InsertLoRA(["to_q", "conv1"], rank=2), TrainBranches(config)]).run(
+        low.graph, PassContext(training_data=data))
+    wrappers = [m for m in trained.module.modules() if type(m).__name__ == "LoRA"]
+    assert any(type(w.base_layer).__name__.startswith("LowBit") for w in wrappers)
+    assert all(float(w.lora_B.weight.abs().sum()) > 0 for w in wrappers)  # every branch got a gradient

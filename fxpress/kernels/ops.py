@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fxpress.kernels.packing import unpack_words
 
 __all__ = ["REFERENCE", "conv2d_reference", "dequantize", "kernels_for", "linear_reference", "lowbit_conv2d",
-           "lowbit_linear", "register_kernels", "registered_kernels", "unpack_words"]
+           "lowbit_linear", "register_input_gradients", "register_kernels", "registered_kernels", "unpack_words"]
 
 def group_size(cols: int, scale: torch.Tensor) -> int:
     """Return how many consecutive inputs share one scale: all of them for per-channel scales."""
@@ -106,3 +106,42 @@ def conv2d_fake(x, packed, scale, bias, width, offset, weight_shape, stride, pad
 
 
 lowbit_conv2d.register_fake(conv2d_fake)
+
+
+# Gradients flow to the input only: packed codes, scales and bias are frozen buffers. That is what
+# training a branch beside a low-bit layer (QLoRA-style) needs from the layers after it.
+def _linear_setup(ctx, inputs, output) -> None:
+    x, packed, scale, _bias, width, offset, in_features = inputs
+    ctx.save_for_backward(packed, scale)
+    ctx.geometry = (width, offset, in_features)
+
+
+def _linear_backward(ctx, grad: torch.Tensor):
+    packed, scale = ctx.saved_tensors
+    width, offset, in_features = ctx.geometry
+    weight = dequantize(packed, scale, width, offset, in_features).to(grad.dtype)
+    return grad @ weight, None, None, None, None, None, None
+
+
+def _conv2d_setup(ctx, inputs, output) -> None:
+    x, packed, scale, _bias, width, offset, weight_shape, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(packed, scale)
+    ctx.geometry = (tuple(x.shape), width, offset, list(weight_shape), stride, padding, dilation, groups)
+
+
+def _conv2d_backward(ctx, grad: torch.Tensor):
+    packed, scale = ctx.saved_tensors
+    x_shape, width, offset, weight_shape, stride, padding, dilation, groups = ctx.geometry
+    cols = weight_shape[1] * weight_shape[2] * weight_shape[3]
+    weight = dequantize(packed, scale, width, offset, cols).reshape(weight_shape).to(grad.dtype)
+    grad_x = torch.nn.grad.conv2d_input(x_shape, weight, grad, stride, padding, dilation, groups)
+    return grad_x, None, None, None, None, None, None, None, None, None, None
+
+
+def register_input_gradients(linear_op, conv2d_op) -> None:
+    """Give a pair of low-bit ops (the reference ones, or a backend's) the gradient with respect to x."""
+    linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+    conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
+
+
+register_input_gradients(lowbit_linear, lowbit_conv2d)

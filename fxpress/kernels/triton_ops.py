@@ -34,4 +34,5 @@ def lowbit_conv2d_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Ten
 
 
 lowbit_conv2d_triton.register_fake(ops.conv2d_fake)
+ops.register_input_gradients(lowbit_linear_triton, lowbit_conv2d_triton)
 ops.register_kernels(NAME, torch.ops.fxpress.lowbit_linear_triton, torch.ops.fxpress.lowbit_conv2d_triton)
