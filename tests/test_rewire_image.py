@@ -60,6 +60,26 @@ def test_image_adapter_is_exact_at_insertion_scale_zero_and_strip(name, tmp_path
     assert registry(stripped) == {}
 
 
+def test_an_image_encoder_takes_reference_images(tmp_path):
+    graph = captured("tiny-unet")
+    plain = first(graph.run())
+    adapted, report = Pipeline([InsertImageAdapter(features=16, tokens=2, image_channels=3, image_size=16)]).run(graph)
+    assert tuple(adapted.example.kwargs["image_embeds"].shape) == (2, 3, 16, 16)
+    assert torch.equal(first(adapted.run()), plain)
+    with torch.no_grad():
+        for m in adapted.module.modules():
+            if hasattr(m, "to_v_ip"):
+                m.to_v_ip.weight.normal_(0, 0.05)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = {**adapted.example.kwargs, "image_embeds": images}
+    other = {**kwargs, "image_embeds": images.flip(-1)}
+    assert not torch.equal(first(adapted.module(**kwargs)), first(adapted.module(**other)))  # the image matters
+    loaded = fxpress.load(fxpress.save(adapted, tmp_path / "adapted")["path"])
+    assert torch.equal(first(loaded(**kwargs)), first(adapted.module(**kwargs)))
+    with pytest.raises(ModelError, match=r"must be \(batch, 3, height, width\) images"):
+        adapted.module(**{**kwargs, "image_embeds": torch.zeros(2, 16)})
+
+
 def test_bad_image_input_and_models_without_cross_attention_are_refused():
     graph = captured("tiny-unet")
     adapted, _ = Pipeline([InsertImageAdapter(features=32)]).run(graph)

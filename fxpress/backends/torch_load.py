@@ -203,7 +203,7 @@ def _with_branches(skeleton: nn.Module, branches: dict[str, Any] | None) -> nn.M
                 for path in entry["targets"]:
                     replace_submodule(skeleton, path, ImageCrossAttention(_submodule(skeleton, path), entry["width"]))
                 skeleton = ImageAdapted(skeleton, entry["features"], entry["tokens"], entry["width"], entry["input"],
-                                        entry["scale"])
+                                        entry["scale"], entry.get("image_channels"))
     for name, entry in branches.items():
         if entry["kind"] != "lora":
             continue

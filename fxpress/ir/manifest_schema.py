@@ -193,6 +193,8 @@ def _check_branches(f: _Fields, branches: Any) -> None:
             f.text(entry.get("input"), f"{where}.input", IDENTIFIER)
             for key in ("features", "tokens", "width"):
                 f.integer(entry.get(key), f"{where}.{key}", 1, 1 << 20)
+            if entry.get("image_channels") is not None:
+                f.integer(entry["image_channels"], f"{where}.image_channels", 1, 1 << 12)
             for key in ("modules", "wrappers"):
                 for i, path in enumerate(f.array(entry.get(key), f"{where}.{key}")):
                     f.text(path, f"{where}.{key}[{i}]", MODULE_PATH)

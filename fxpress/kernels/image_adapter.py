@@ -1,9 +1,10 @@
 """Decoupled image cross-attention (IP-Adapter style): image tokens get their own keys and values beside
 each cross-attention's text keys and values, and the two attention results are summed with a scale.
 
-`ImageAdapted` wraps the model. It takes image features (N, features) as a new keyword input and turns
-them into `tokens` tokens of the cross-attention width with a small trainable projector (linear +
-LayerNorm). During the call it hands them to every `ImageCrossAttention`, which wraps one
+`ImageAdapted` wraps the model. It takes image features (N, features), or with `image_channels` a
+reference image (N, C, H, W) that a small trainable conv encoder turns into features, as a new keyword
+input, and makes them into `tokens` tokens of the cross-attention width with a small trainable
+projector (linear + LayerNorm). During the call it hands them to every `ImageCrossAttention`, which wraps one
 cross-attention module. Each computes attn(x, text) + scale · W_out · softmax(q kᵢᵀ) vᵢ, with W_out the
 attention's own output projection (bias once), q its own query, and kᵢ, vᵢ new projections of the image
 tokens. vᵢ starts at zero, so the output is unchanged until the adapter trains. `scale` is a buffer
@@ -72,9 +73,13 @@ class ImageAdapted(nn.Module):
     tokens made from the keyword input `input_name` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, features: int, tokens: int, width: int, input_name: str = "image_embeds",
-                 scale: float = 1.0):
+                 scale: float = 1.0, image_channels: int | None = None):
         super().__init__()
         self.model, self.input_name, self.tokens, self.width = model, input_name, int(tokens), int(width)
+        self.image_channels = image_channels
+        self.image_encoder = None if image_channels is None else nn.Sequential(
+            nn.Conv2d(image_channels, 32, 3, 2, 1), nn.SiLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.SiLU(),
+            nn.Conv2d(64, features, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.image_projector = nn.Sequential(nn.Linear(features, tokens * width), nn.LayerNorm(width))
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.config = getattr(model, "config", None)
@@ -85,7 +90,12 @@ class ImageAdapted(nn.Module):
         return self.model
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, features) image features → (N, tokens, width) image tokens."""
+        """(N, features) image features, or (N, C, H, W) images with an encoder → (N, tokens, width) tokens."""
+        if self.image_encoder is not None:
+            if features.dim() != 4 or features.shape[1] != self.image_channels:
+                raise ModelError(f"image input {self.input_name!r} must be (batch, {self.image_channels}, height, "
+                                 f"width) images, got {tuple(features.shape)}")
+            features = self.image_encoder(features)
         linear, norm = self.image_projector
         if features.dim() != 2 or features.shape[1] != linear.in_features:
             raise ModelError(f"image input {self.input_name!r} must be (batch, {linear.in_features}) image "

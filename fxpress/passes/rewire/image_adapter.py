@@ -36,7 +36,8 @@ class InsertImageAdapter(Pass):
     transforms = True
 
     def __init__(self, features: int, tokens: int = 4, name: str = "image", input_name: str = "image_embeds",
-                 targets: list[str] | None = None, role: str = "adapter", scale: float = 1.0, seed: int = 0):
+                 targets: list[str] | None = None, role: str = "adapter", scale: float = 1.0, seed: int = 0,
+                 image_channels: int | None = None, image_size: int = 32):
         if not isinstance(features, int) or features < 1 or not isinstance(tokens, int) or tokens < 1:
             raise RecipeError(f"InsertImageAdapter: features and tokens must be positive integers, got "
                               f"{features!r}, {tokens!r}")
@@ -44,6 +45,9 @@ class InsertImageAdapter(Pass):
             raise RecipeError(f"InsertImageAdapter: role must be 'adapter' or 'train_only', got {role!r}")
         self.features, self.tokens, self.branch, self.input_name = features, tokens, name, input_name
         self.targets, self.role, self.scale, self.seed = targets, role, float(scale), seed
+        if image_channels is not None and (not isinstance(image_channels, int) or image_channels < 1):
+            raise RecipeError(f"InsertImageAdapter: image_channels must be a positive integer, got {image_channels!r}")
+        self.image_channels, self.image_size = image_channels, int(image_size)
 
     def run(self, graph: Graph) -> PassResult:
         check_new_name(graph, self.branch, self.name)
@@ -67,23 +71,27 @@ class InsertImageAdapter(Pass):
         device = next(model.parameters()).device
         for path in chosen:
             replace_submodule(model, path, ImageCrossAttention(model.get_submodule(path), width, generator).to(device))
-        adapted = ImageAdapted(model, self.features, self.tokens, width, self.input_name, self.scale).to(device)
+        adapted = ImageAdapted(model, self.features, self.tokens, width, self.input_name, self.scale,
+                               self.image_channels).to(device)
         gen = torch.Generator().manual_seed(self.seed + 1)
 
         def with_image(inputs: Inputs) -> Inputs:
             batch = inputs.batch_size or 1
-            return Inputs(inputs.args, {**inputs.kwargs,
-                                        self.input_name: torch.randn(batch, self.features, generator=gen).to(device)})
+            shape = (batch, self.features) if self.image_channels is None else (
+                batch, self.image_channels, self.image_size, self.image_size)
+            return Inputs(inputs.args, {**inputs.kwargs, self.input_name: torch.randn(shape, generator=gen).to(device)})
 
         graph.example = with_image(graph.example)
         graph.calibration = [with_image(c) for c in graph.calibration]
         wrapped = [model.get_submodule(t) for t in chosen]
-        params = sum(p.numel() for p in adapted.image_projector.parameters()) + sum(
+        params = sum(p.numel() for n, p in adapted.named_parameters() if n.startswith("image_")) + sum(
             m.to_k_ip.weight.numel() + m.to_v_ip.weight.numel() for m in wrapped)
+        owned = ["image_projector", *(["image_encoder"] if self.image_channels else [])]
         registry(graph)[self.branch] = {
             "kind": "image_adapter", "role": self.role, "scale": self.scale, "input": self.input_name,
             "features": self.features, "tokens": self.tokens, "width": width, "targets": chosen,
-            "modules": ["image_projector", *[f"model.{t}.{part}" for t in chosen for part in ("to_k_ip", "to_v_ip")]],
+            "image_channels": self.image_channels,
+            "modules": [*owned, *[f"model.{t}.{part}" for t in chosen for part in ("to_k_ip", "to_v_ip")]],
             "wrappers": [f"model.{t}" for t in chosen], "scale_modules": [""], "params": params,
         }
         new = recaptured(graph, adapted, {p: adapted_path(p, chosen) for p in graph.layers})
