@@ -61,8 +61,10 @@ def _artifact_graph(directory: str):
     from fxpress.ir.input_spec import inputs_from_spec
 
     manifest = read_manifest(directory)
+    if not manifest.get("inputs"):
+        raise RecipeError(f"{directory} records no example inputs (saved by an older fxpress); save it again first")
     model = load(directory)
-    example = inputs_from_spec(manifest.get("inputs"))
+    example = inputs_from_spec(manifest["inputs"])
     graph = capture(model, example.args, example.kwargs)
     graph.source = manifest.get("source") or {}
     return graph, manifest
