@@ -91,3 +91,40 @@ def test_bad_image_input_and_models_without_cross_attention_are_refused():
     with pytest.raises(PassError, match="image adapter target 'attn9' matches nothing"):
         Pipeline([InsertImageAdapter(features=32, targets=["attn9"])]).run(graph)
     assert "image_embeds" not in graph.example.kwargs and registry(graph) == {}
+
+
+def test_control_lora_and_image_adapter_compose_and_strip_to_the_adapter(tmp_path):
+    from fxpress.passes.rewire.control import AttachControlBranch
+    from fxpress.passes.rewire.lora import InsertLoRA
+
+    graph = captured("tiny-unet")
+    plain = first(graph.run())
+    built, _ = Pipeline([AttachControlBranch(embedding_channels=(16, 32), role="train_only", name="pose"),
+                         InsertLoRA(["to_q"], rank=2, name="light", role="train_only"),
+                         InsertImageAdapter(features=16, name="identity")],
+                        verify=Inputs(graph.example.args, dict(graph.example.kwargs))).run(graph)
+    assert list(registry(built)) == ["pose", "light", "identity"]
+    assert torch.equal(first(built.run()), plain)  # every branch starts at zero
+    with torch.no_grad():
+        for n, p in built.module.named_parameters():
+            if "to_v_ip" in n or "lora_B" in n or "controlnet_down_blocks" in n or "controlnet_mid_block" in n:
+                p.normal_(0, 0.05)
+    n, _, h, w = built.example.kwargs["sample"].shape
+    control = torch.rand(n, 3, 2 * h, 2 * w, generator=torch.Generator().manual_seed(0))
+    inputs = Inputs((), {**built.example.kwargs, "control": control})
+    everything = first(built.run(inputs))
+    loaded = fxpress.load(fxpress.save(built, tmp_path / "all")["path"])
+    assert torch.equal(first(loaded(**inputs.kwargs)), everything)
+    for name in ("pose", "light"):
+        set_branch_scale(built, name, 0.0)
+    adapter_only = first(built.run(inputs))
+    assert not torch.equal(adapter_only, plain) and not torch.equal(adapter_only, everything)
+    stripped, _ = Pipeline([StripBranches()]).run(built)  # the train-only branches go, the adapter stays
+    assert list(registry(stripped)) == ["identity"]
+    assert "control" not in stripped.input_names and "image_embeds" in stripped.input_names
+    assert torch.equal(first(stripped.run()), adapter_only)
+    assert not any("controlnet" in k or "lora" in k for k, _ in stripped.module.named_parameters())
+    reloaded = fxpress.load(fxpress.save(stripped, tmp_path / "adapter")["path"])
+    assert torch.equal(first(reloaded(**stripped.example.kwargs)), adapter_only)
+    with pytest.raises(fxpress.errors.RecipeError, match="image adapter already"):
+        InsertImageAdapter(features=16, name="again").run(stripped)

@@ -58,6 +58,21 @@ def recaptured(graph: Graph, model: nn.Module, renamed: dict[str, str]) -> Graph
     return new
 
 
+PATH_FIELDS = ("targets", "merged", "modules", "wrappers", "scale_modules")
+
+
+def remap_paths(entry: dict[str, Any], rename) -> None:
+    """Move a registry entry's module paths (full paths; an image adapter's targets are relative to the
+    model inside it, at `model.`) through `rename` (old full path -> new full path)."""
+    for key in PATH_FIELDS:
+        if key not in entry:
+            continue
+        if key == "targets" and entry["kind"] == "image_adapter":
+            entry[key] = [rename(f"model.{p}").removeprefix("model.") for p in entry[key]]
+        else:
+            entry[key] = [rename(p) for p in entry[key]]
+
+
 def lora_modules(model: nn.Module, entry: dict[str, Any]) -> list[LoRA]:
     """The LoRA wrappers a registry entry names, found in `model`."""
     return [model.get_submodule(t) for t in entry["targets"]]
@@ -90,4 +105,4 @@ def branch_scale_buffers(model: nn.Module, entry: dict[str, Any]) -> list[torch.
 
 
 __all__ = ["BRANCH_META", "branch_modules", "branch_scale_buffers", "check_new_name", "lora_modules", "mark_branches",
-           "recaptured", "registry", "resolve_names", "set_branch_scale"]
+           "recaptured", "registry", "remap_paths", "resolve_names", "set_branch_scale"]

@@ -10,7 +10,7 @@ from fxpress.ir.select import select
 from fxpress.kernels.image_adapter import ImageAdapted, ImageCrossAttention, is_cross_attention
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
-from fxpress.passes.rewire.branches import check_new_name, recaptured, registry
+from fxpress.passes.rewire.branches import branch_modules, check_new_name, recaptured, registry, remap_paths
 
 
 def context_width(attn: torch.nn.Module) -> int:
@@ -51,13 +51,15 @@ class InsertImageAdapter(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         check_new_name(graph, self.branch, self.name)
-        if registry(graph):
-            raise RecipeError(f"{self.name}: insert the image adapter before other branches (the model has "
-                              f"{', '.join(registry(graph))})")
+        entries = registry(graph)
+        if any(e["kind"] == "image_adapter" for e in entries.values()):
+            raise RecipeError(f"{self.name}: the model has an image adapter already; one per model")
         if self.input_name in graph.input_names or self.input_name in graph.example.kwargs:
             raise RecipeError(f"{self.name}: the model already has an input named {self.input_name!r}")
         model = graph.module
-        found = {p: (type(m).__name__, "attention") for p, m in model.named_modules() if is_cross_attention(m)}
+        owned = [p for name in entries for p in branch_modules(graph, name)]  # other branches' own modules
+        found = {p: (type(m).__name__, "attention") for p, m in model.named_modules()
+                 if is_cross_attention(m) and not any(p == o or p.startswith(o + ".") for o in owned)}
         if not found:
             raise PassError(f"{type(model).__name__} has no cross-attention (an attention module with a separate "
                             "context) to add image keys and values to", self.name)
@@ -86,6 +88,8 @@ class InsertImageAdapter(Pass):
         wrapped = [model.get_submodule(t) for t in chosen]
         params = sum(p.numel() for n, p in adapted.named_parameters() if n.startswith("image_")) + sum(
             m.to_k_ip.weight.numel() + m.to_v_ip.weight.numel() for m in wrapped)
+        for entry in entries.values():  # branches added before move inside the adapted model
+            remap_paths(entry, lambda p: adapted_path(p, chosen) if p else "model")
         owned = ["image_projector", *(["image_encoder"] if self.image_channels else [])]
         registry(graph)[self.branch] = {
             "kind": "image_adapter", "role": self.role, "scale": self.scale, "input": self.input_name,

@@ -12,7 +12,7 @@ from fxpress.kernels.control import ControlledTransformer, ControlledUNet
 from fxpress.kernels.image_adapter import ImageAdapted
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
-from fxpress.passes.rewire.branches import recaptured, registry, resolve_names
+from fxpress.passes.rewire.branches import recaptured, registry, remap_paths, resolve_names
 from fxpress.passes.rewire.image_adapter import adapted_path
 
 
@@ -28,6 +28,10 @@ def _strip_lora(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.
 
 
 def _strip_control(model: nn.Module, name: str, entry: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
+    if isinstance(model, ImageAdapted):  # a control branch added before an image adapter sits inside it
+        inner, renamed = _strip_control(model.model, name, entry)
+        model.model = inner
+        return model, {f"model.{old}": f"model.{new}" for old, new in renamed.items()}
     if isinstance(model, ControlledTransformer):
         inner, blocks, count = model.model, entry["blocks"], entry["count"]
         items = inner.get_submodule(blocks)
@@ -98,15 +102,15 @@ class StripBranches(Pass):
             return PassResult(graph, False, {"stripped": [], "role": self.role})
         model, renamed = graph.module, {}
         entries = registry(graph)
-        for name in sorted(names, key=lambda n: entries[n]["kind"] != "lora"):  # the outermost wrappers last
+        order = {"lora": 0, "control": 1, "image_adapter": 2}  # inner wrappers before outer ones
+        removed = {}
+        for name in sorted(names, key=lambda n: order[entries[n]["kind"]]):
             model, more = STRIPPERS[entries[name]["kind"]](model, name, entries[name])
+            removed[name] = entries.pop(name)
+            for entry in entries.values():  # the branches left follow their modules to their new paths
+                remap_paths(entry, lambda p, more=more: more.get(p, p))
             renamed = {old: more.get(new, new) for old, new in renamed.items()}
             renamed.update({old: new for old, new in more.items() if old not in renamed.values()})
-        removed = {n: entries.pop(n) for n in names}
-        for entry in entries.values():  # branches that stay follow their layers to their new paths
-            for key in ("targets", "merged"):
-                if key in entry:
-                    entry[key] = [renamed.get(p, p) for p in entry[key]]
         inputs = [e["input"] for e in removed.values() if e.get("input")]
         if inputs:
             graph.example = _without(graph.example, inputs)
