@@ -5,6 +5,7 @@ The registry itself and the marking of branch layers and nodes live in `fxpress.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -81,7 +82,7 @@ def lora_modules(model: nn.Module, entry: dict[str, Any]) -> list[LoRA]:
 def set_branch_scale(target: Graph | nn.Module, name: str, scale: float) -> None:
     """Set branch `name`'s output scale in place, without capturing again (the scale is a buffer the
     captured graph reads). `target` is a Graph or a model loaded from an artifact."""
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale != scale or abs(scale) == float("inf"):
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise RecipeError(f"branch scale must be a finite number, got {scale!r}")
     entries = registry(target) if isinstance(target, Graph) else getattr(target, "fxpress_branches", None) or {}
     model = target.module if isinstance(target, Graph) else target

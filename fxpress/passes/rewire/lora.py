@@ -7,13 +7,11 @@ import torch
 from fxpress.errors import PassError, RecipeError
 from fxpress.ir.graph import Graph
 from fxpress.ir.select import select
-from fxpress.kernels.lora import LoRA, lora_geometry
-from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+from fxpress.kernels.lora import CONV_TYPES, LINEAR_TYPES, LoRA, lora_geometry
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
+from fxpress.passes.quant.select_layers import layer_candidates
 from fxpress.passes.rewire.branches import check_new_name, recaptured, registry
-
-BASE_TYPES = (torch.nn.Linear, torch.nn.Conv2d, LowBitLinear, LowBitConv2d)
 
 
 def lora_candidates(graph: Graph) -> dict[str, tuple[str, str]]:
@@ -21,18 +19,9 @@ def lora_candidates(graph: Graph) -> dict[str, tuple[str, str]]:
     low-bit) that are not themselves part of a branch or already wrapped."""
     model = graph.module
     wrapped = {p for p, m in model.named_modules() if isinstance(m, LoRA)}
-    out = {}
-    for path, layer in graph.layers.items():
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:  # replaced since capture (a cached time embedding is a table now)
-            continue
-        if not isinstance(module, BASE_TYPES) or graph.annotation(path).branch is not None:
-            continue
-        if path.rpartition(".")[0] in wrapped:
-            continue
-        out[path] = (type(module).__name__, layer.kind)
-    return out
+    return {path: entry for path, entry in layer_candidates(graph).items()
+            if isinstance(model.get_submodule(path), LINEAR_TYPES + CONV_TYPES)
+            and graph.annotation(path).branch is None and path.rpartition(".")[0] not in wrapped}
 
 
 class InsertLoRA(Pass):
