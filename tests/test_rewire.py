@@ -190,7 +190,8 @@ def test_fuse_float_is_within_1e6_and_unfuse_restores(tiny_unet):
         after = restored.module.get_submodule(path).base_layer.weight
         ulp = float(torch.finfo(torch.float32).eps * before.abs().max())
         assert torch.allclose(after, before, rtol=0, atol=2 * ulp)
-    assert torch.allclose(first(restored.run()), unfused, rtol=1e-5, atol=1e-6)
+    back = first(restored.run())  # weights within 2 ulp, so the output within float rounding of them
+    assert float((back - unfused).norm() / unfused.norm()) <= 1e-6
 
 
 def test_fuse_into_lowbit_stays_within_its_quantization_error(tiny_compressed, tmp_path):

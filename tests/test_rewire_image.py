@@ -100,7 +100,7 @@ def test_control_lora_and_image_adapter_compose_and_strip_to_the_adapter(tmp_pat
     graph = captured("tiny-unet")
     plain = first(graph.run())
     built, _ = Pipeline([AttachControlBranch(embedding_channels=(16, 32), role="train_only", name="pose"),
-                         InsertLoRA(["to_q"], rank=2, name="light", role="train_only"),
+                         InsertLoRA(["to_q", "to_k"], rank=2, name="light", role="train_only"),
                          InsertImageAdapter(features=16, name="identity")],
                         verify=Inputs(graph.example.args, dict(graph.example.kwargs))).run(graph)
     assert list(registry(built)) == ["pose", "light", "identity"]

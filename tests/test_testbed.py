@@ -63,15 +63,20 @@ def test_frechet_distance_of_gaussians():
 
 @pytest.mark.parametrize("name", ["digits", "digits-dit", "shapes"])
 def test_committed_weights_load_and_record_their_training(name):
-    """The recorded quality of each committed testbed (shapes: its model has not learned position)."""
+    """The recorded quality of each committed testbed: every factor of its samples right at least 90% of the
+    time (shapes: 85%); the classifier reads the nuisance angles (shapes: rotation) to a few degrees."""
     from fxpress.testbed import load_testbed
 
     testbed = load_testbed(name)
     record = testbed.record
     assert record["classifier_heldout_accuracy"] >= 0.95
     factors = record["quality"]["factor_accuracy"]
-    learned = {k: v for k, v in factors.items() if not (name == "shapes" and k == "position")}
-    assert min(learned.values()) >= 0.85 and (name == "shapes" or record["quality"]["accuracy"] >= 0.9)
+    # shapes: position is learned (95.6%); shape is 86.5%, short of the 90% issue 21 asks for
+    assert min(factors.values()) >= (0.9 if name != "shapes" else 0.85), factors
+    assert record["quality"]["accuracy"] >= (0.9 if name != "shapes" else 0.75)
+    for angle, error in record.get("classifier_heldout_angle_error_deg", {}).items():
+        assert error["mean"] <= 0.05 * error["period"], (angle, error)
+    assert set(record.get("classifier_heldout_angle_error_deg", {})) == set(testbed.spec.angles)
     assert record["schedule"]["prediction_type"] == testbed.spec.prediction
     assert sum(record["params"].values()) == sum(p.numel() for m in testbed.parts().values() for p in m.parameters())
     assert not any(p.requires_grad for p in testbed.denoiser.parameters())
@@ -156,3 +161,27 @@ def test_training_targets_follow_the_prediction_kind(prediction):
     noisy = data.add_noise(x0, noise, t)
     if prediction == "v_prediction":  # the inversion denoising_mse uses
         assert torch.allclose(a.sqrt() * want + (1 - a).sqrt() * noisy, noise, atol=1e-5)
+
+
+def test_the_classifier_alone_can_be_trained_again(tmp_path):
+    """`--classifier-only` retrains the judge of a saved testbed, leaves its denoiser untouched and records
+    the new classifier and the samples measured with it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fxpress.testbed.models import weights_dir
+    from fxpress.testbed.train import main
+
+    folder = tmp_path / "digits"
+    shutil.copytree(weights_dir("digits"), folder)
+    before = json.loads((folder / "training.json").read_text())
+    assert main(["digits", "--out", str(folder), "--classifier-only", "--classifier-steps", "3"]) == 0
+    after = json.loads((folder / "training.json").read_text())
+    assert after["train"]["classifier_steps"] == 3 and after["classifier_heldout_accuracy"] < 0.9
+    assert after["quality"]["accuracy"] != before["quality"]["accuracy"]
+    for part in ("denoiser", "text_encoder"):
+        old, new = load_file(str(weights_dir("digits") / f"{part}.safetensors")), load_file(
+            str(folder / f"{part}.safetensors"))
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert main(["digits", "--out", str(tmp_path / "missing"), "--classifier-only"]) == 2

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 
-def one_and_two_processes(cli_args: list[str], folder: Path) -> tuple[Path, Path]:
-    """Run `python -m fxpress.cli *cli_args --out folder/one`, then the same under torchrun with 2 processes
-    into folder/two (1 thread each, quiet); assert both succeed and return the two artifact folders."""
+def one_and_two_processes(cli_args: list[str], folder: Path, script: bool = False) -> tuple[Path, Path]:
+    """Run `python -m fxpress.cli *cli_args --out folder/one` (with `script`: `python *cli_args`, the first
+    being a script path relative to the repository), then the same under torchrun with 2 processes into
+    folder/two (1 thread each, quiet); assert both succeed and return the two output folders."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FXPRESS_QUIET": "1"}
-    args = ["-m", "fxpress.cli", *cli_args]
+    root = Path(__file__).resolve().parents[1]
+    args = [str(root / cli_args[0]), *cli_args[1:]] if script else ["-m", "fxpress.cli", *cli_args]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for command, out in (([sys.executable, *args], "one"), ([*launch, *args], "two")):
         done = subprocess.run([*command, "--out", str(folder / out)], env=env, capture_output=True, text=True,

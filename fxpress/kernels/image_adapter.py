@@ -28,12 +28,20 @@ def is_cross_attention(module: nn.Module) -> bool:
         hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out", "heads"))
 
 
+def projection_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) features of a linear projection: plain, low-bit, or wrapped by a LoRA (its base layer)."""
+    layer = getattr(layer, "base_layer", layer)
+    if hasattr(layer, "out_features") and hasattr(layer, "in_features"):
+        return int(layer.out_features), int(layer.in_features)
+    return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+
+
 class ImageCrossAttention(nn.Module):
     """One cross-attention plus image keys and values (see the module docstring)."""
 
     def __init__(self, attn: nn.Module, width: int, generator: torch.Generator | None = None):
         super().__init__()
-        inner = attn.to_k.out_features if hasattr(attn.to_k, "out_features") else attn.to_k.weight.shape[0]
+        inner = projection_shape(attn.to_k)[0]
         self.attn = attn
         self.to_k_ip = nn.Linear(width, inner, bias=False)
         self.to_v_ip = nn.Linear(width, inner, bias=False)

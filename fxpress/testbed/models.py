@@ -55,7 +55,7 @@ def build_testbed(spec: TestbedSpec | str, seed: int = 0) -> Testbed:
     text = CLIPTextModel(CLIPTextConfig(**config))
     kinds = {"unet": UNet2DConditionModel, "dit": PixArtTransformer2DModel}
     denoiser = kinds[spec.denoiser](**spec.model)
-    classifier = FactorClassifier(spec.channels, spec.resolution, spec.factors)
+    classifier = FactorClassifier(spec.channels, spec.resolution, spec.factors, angles=spec.angles)
     return Testbed(spec, tokenizer, text, denoiser, classifier, {})
 
 

@@ -27,18 +27,28 @@ def training_scheduler(prediction: str = "epsilon") -> DDPMScheduler:
 
 
 def predict_noise(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
-                  sample_input: str = "sample") -> torch.Tensor:
+                  sample_input: str = "sample", inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Return the prediction (noise or velocity) of a denoiser taking the noisy sample as keyword
-    `sample_input` ("sample" for UNets, "hidden_states" for DiTs); its output may be a diffusers output,
-    tuple or tensor."""
-    return output_tensors(model(**{sample_input: sample}, timestep=timestep, encoder_hidden_states=hidden))[0]
+    `sample_input` ("sample" for UNets, "hidden_states" for DiTs) and any further keyword `inputs`; its
+    output may be a diffusers output, tuple or tensor."""
+    return output_tensors(model(**{sample_input: sample}, timestep=timestep, encoder_hidden_states=hidden,
+                                **(inputs or {})))[0]
 
 
 def guided_noise(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor, guidance: float, sample_input: str = "sample") -> torch.Tensor:
-    """Return eps(x, ∅) + guidance · (eps(x, c) − eps(x, ∅)), both branches in one batch."""
+                 uncond: torch.Tensor, guidance: float, sample_input: str = "sample",
+                 inputs: dict[str, torch.Tensor] | None = None,
+                 null_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Return eps(x, ∅) + guidance · (eps(x, c) − eps(x, ∅)), both branches in one batch.
+
+    Further `inputs` (B, ...) go with the conditional rows; the unconditional rows get their value from
+    `null_inputs` (1, ...) where given (an image adapter's "no image"), else the same value (a control map).
+    """
+    nulls = null_inputs or {}
+    both_inputs = {name: torch.cat([nulls[name].to(value).expand_as(value) if name in nulls else value, value])
+                   for name, value in (inputs or {}).items()}
     both = predict_noise(model, torch.cat([sample, sample]), torch.cat([timestep, timestep]),
-                         torch.cat([uncond.expand_as(cond), cond]), sample_input)
+                         torch.cat([uncond.expand_as(cond), cond]), sample_input, both_inputs)
     eps_u, eps_c = both.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
@@ -46,11 +56,14 @@ def guided_noise(model: nn.Module, sample: torch.Tensor, timestep: torch.Tensor,
 @torch.no_grad()
 def sample_images(model: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, shape: tuple[int, int, int], *,
                   steps: int = 25, guidance: float = 3.0, seed: int = 0, batch: int = 250,
-                  sample_input: str = "sample", prediction: str = "epsilon") -> torch.Tensor:
+                  sample_input: str = "sample", prediction: str = "epsilon",
+                  inputs: dict[str, torch.Tensor] | None = None,
+                  null_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Return len(cond) images (N, C, H, W) in [-1, 1] drawn with DDIM (eta 0) and CFG.
 
     Image i starts from the noise of generator seed+i, so two models given the same seed and
-    prompts start from the same noise (paired comparison).
+    prompts start from the same noise (paired comparison). `inputs` are further per-image keyword
+    inputs (N, ...) and `null_inputs` their unconditional values (see `guided_noise`).
     """
     scheduler = DDIMScheduler(**schedule(prediction), clip_sample=True, set_alpha_to_one=False)
     scheduler.set_timesteps(steps)
@@ -60,9 +73,10 @@ def sample_images(model: nn.Module, cond: torch.Tensor, uncond: torch.Tensor, sh
     for lo in range(0, cond.shape[0], batch):
         x = noise[lo:lo + batch].clone()
         c = cond[lo:lo + batch]
+        extra = {name: value[lo:lo + batch] for name, value in (inputs or {}).items()}
         for t in scheduler.timesteps:
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-            eps = guided_noise(model, x, tt, c, uncond, guidance, sample_input)
+            eps = guided_noise(model, x, tt, c, uncond, guidance, sample_input, extra, null_inputs)
             x = scheduler.step(eps, t, x).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out)

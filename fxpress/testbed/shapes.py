@@ -20,6 +20,7 @@ COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 FACTORS = {"shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES), "position": len(POSITIONS)}
+ROTATION_PERIOD = 90.0  # squares and crosses repeat every 90 degrees; rotations are drawn in [0, 90)
 SIZE = 32
 _SUPER = 4
 _RADIUS = {0: 4.5, 1: 7.5}
@@ -27,7 +28,27 @@ _RADIUS = {0: 4.5, 1: 7.5}
 
 def caption(shape: int, colour: int, size: int, position: int) -> str:
     """Return the caption of one factor combination, e.g. 'a large red triangle at the top left'."""
-    return f"a {SIZES[size]} {list(COLOURS)[colour]} {SHAPES[shape]} at the {POSITIONS[position]}"
+    return describe({"shape": shape, "colour": colour, "size": size, "position": position})
+
+
+def describe(factors: dict[str, int | None], position_first: bool = False) -> str:
+    """Return a caption naming only the factors given (None or absent: left unsaid), e.g. 'a red shape'
+    or 'a large shape at the top left' (`position_first`: 'at the top left a large shape')."""
+    where = ["at", "the", POSITIONS[factors["position"]]] if factors.get("position") is not None else []
+    words = ["a"]
+    if factors.get("size") is not None:
+        words.append(SIZES[factors["size"]])
+    if factors.get("colour") is not None:
+        words.append(list(COLOURS)[factors["colour"]])
+    words.append(SHAPES[factors["shape"]] if factors.get("shape") is not None else "shape")
+    return " ".join(where + words if position_first else words + where)
+
+
+def angle_defined(name: str, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Return which images angle factor `name` is defined for: a circle has no rotation."""
+    if name != "rotation":
+        raise KeyError(f"shapes has no angle factor {name!r}")
+    return factors["shape"] != SHAPES.index("circle")
 
 
 def _mask(shape: int, x: torch.Tensor, y: torch.Tensor, radius: float) -> torch.Tensor:

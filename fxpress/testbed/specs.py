@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fxpress.errors import FxpressError
 from fxpress.testbed import digits, shapes
 from fxpress.testbed.dataset import ImageSet
@@ -21,6 +23,10 @@ class TestbedSpec:
     `denoiser` is the architecture ("unet": diffusers UNet2DConditionModel; "dit": diffusers
     PixArtTransformer2DModel, a DiT with cross-attention to the text) and `model` its config;
     `prediction` is what it predicts: the noise ("epsilon") or the velocity ("v_prediction").
+    `describe` writes a caption naming only some factors (None: unsaid); training then drops each
+    factor from a caption with probability `train["factor_dropout"]`, so partial prompts work.
+    `angles` are nuisance angle factors the classifier also reads (name -> period in degrees) and
+    `angle_defined` says for which images each is defined (a circle has no rotation).
     """
 
     name: str
@@ -38,6 +44,9 @@ class TestbedSpec:
     sample_steps: int = 25
     prediction: str = "epsilon"
     train: dict[str, Any] = field(default_factory=dict)
+    describe: Callable[[dict[str, int | None]], str] | None = None
+    angles: dict[str, float] = field(default_factory=dict)
+    angle_defined: Callable[[str, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     __test__ = False  # not a pytest class
 
@@ -99,15 +108,23 @@ DIGITS = TestbedSpec(
 
 SHAPES = TestbedSpec(
     name="shapes", load_split=shapes.load_shapes_split,
-    words=("a", "at", "the", *shapes.SIZES, *shapes.COLOURS, *shapes.SHAPES, "top", "bottom", "left", "right"),
+    words=("a", "at", "the", *shapes.SIZES, *shapes.COLOURS, *shapes.SHAPES, "top", "bottom", "left", "right",
+           "shape"),
     max_length=10, channels=3, resolution=shapes.SIZE, factors=dict(shapes.FACTORS), prompts=_shape_prompts,
     model=_unet(3, shapes.SIZE, (32, 64, 64), 16),
     # Velocity, not noise: a noise predictor's x0 estimate at high noise multiplies its error by
     # 1/sqrt(alpha_bar) (about 12 at t=950), which set the flat background of a first, epsilon-trained
     # run to wrong, noisy colours (4% of samples right on every factor, although held-out noise MSE was low).
     prediction="v_prediction",
-    train={"steps": 3000, "batch": 64, "lr": 1e-3, "ema": 0.999, "caption_dropout": 0.1, "seed": 0,
-           "classifier_steps": 1500},
+    describe=shapes.describe, angles={"rotation": shapes.ROTATION_PERIOD}, angle_defined=shapes.angle_defined,
+    # factor_dropout: each factor is left out of a training caption with this probability, so partial
+    # prompts ("a large shape", "a red shape at the top left") work, as an identity adapter's prompts need.
+    # text_factor_loss: linear heads must read every named factor from the text encoder's states; without
+    # it the jointly trained CLIP let the position words fade and the model ignored them (position 24%,
+    # chance; benchmarks/results/shapes_position.md). classifier_lighting: the judge trains under random
+    # global lighting, so it reads shapes under the identity-adapter task's lighting shift too.
+    train={"steps": 4000, "batch": 64, "lr": 1e-3, "ema": 0.999, "caption_dropout": 0.1, "factor_dropout": 0.15,
+           "text_factor_loss": 1.0, "seed": 0, "classifier_steps": 1500, "classifier_lighting": True},
 )
 
 DIGITS_DIT = TestbedSpec(

@@ -7,7 +7,7 @@ drawn, how features are weighted) reaches every pass alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def draw_timesteps(gen: torch.Generator, size: int, total: int, mode: str = "uni
 @dataclass
 class NoisedBatch:
     """One global training batch: clean samples, their noise, timesteps, conditions (some dropped to the
-    unconditional one), the noisy samples, and a guidance weight per row."""
+    unconditional one), the noisy samples, a guidance weight per row, and the data's further inputs."""
 
     x0: torch.Tensor
     noise: torch.Tensor
@@ -47,22 +47,29 @@ class NoisedBatch:
     cond: torch.Tensor
     noisy: torch.Tensor
     guidance: torch.Tensor
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def shard(self, ctx) -> NoisedBatch:
         """Return this rank's slice of every field (`Distributed.shard`)."""
         return NoisedBatch(*(ctx.shard(v) for v in (self.x0, self.noise, self.t, self.cond, self.noisy,
-                                                     self.guidance)))
+                                                     self.guidance)),
+                           {k: ctx.shard(v) for k, v in self.inputs.items()})
 
 
 def noised_batch(data: DiffusionData, gen: torch.Generator, size: int, *, timesteps: str = "uniform",
                  beta: tuple[float, float] = (3.0, 1.0), prompt_dropout: float = 0.0,
-                 guidance: tuple[float, float] = (1.0, 1.0), timesteps_first: bool = False) -> NoisedBatch:
+                 guidance: tuple[float, float] = (1.0, 1.0), timesteps_first: bool = False,
+                 input_dropout: float = 0.0) -> NoisedBatch:
     """Draw a batch of `size` rows with `gen`: samples and conditions, noise, timesteps (see
     `draw_timesteps`), conditions replaced by the unconditional one with probability `prompt_dropout`,
     and guidance weights uniform in `guidance`. The draws happen in that order (timesteps before noise
     with `timesteps_first`, the order KD recovery has always used), always all of them, so a batch
-    depends only on the generator's seed and these settings."""
-    x0, cond = data.batch(gen, size)
+    depends only on the generator's seed and these settings.
+
+    The data's further inputs come with their rows; those with a null value are dropped where the
+    prompt is, and on their own with probability `input_dropout` (drawn last, only when the data has
+    droppable inputs, so batches of data without them are unchanged)."""
+    x0, cond, inputs = data.batch_with_inputs(gen, size)
     if timesteps_first:
         t = draw_timesteps(gen, size, data.num_timesteps, timesteps, beta)
         noise = torch.randn(x0.shape, generator=gen)
@@ -72,7 +79,9 @@ def noised_batch(data: DiffusionData, gen: torch.Generator, size: int, *, timest
     drop = torch.rand(size, generator=gen) < prompt_dropout
     cond = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), data.unconditional.expand_as(cond), cond)
     w = guidance[0] + (guidance[1] - guidance[0]) * torch.rand(size, generator=gen)
-    return NoisedBatch(x0, noise, t, cond, data.add_noise(x0, noise, t), w)
+    if data.null_inputs:
+        inputs = data.drop_inputs(inputs, drop | (torch.rand(size, generator=gen) < input_dropout))
+    return NoisedBatch(x0, noise, t, cond, data.add_noise(x0, noise, t), w, inputs)
 
 
 def broadcast_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

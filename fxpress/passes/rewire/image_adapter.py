@@ -7,7 +7,7 @@ import torch
 from fxpress.errors import PassError, RecipeError
 from fxpress.ir.graph import Graph, Inputs
 from fxpress.ir.select import select
-from fxpress.kernels.image_adapter import ImageAdapted, ImageCrossAttention, is_cross_attention
+from fxpress.kernels.image_adapter import ImageAdapted, ImageCrossAttention, is_cross_attention, projection_shape
 from fxpress.passes.base import Pass, PassResult
 from fxpress.passes.module_edit import replace_submodule
 from fxpress.passes.rewire.branches import branch_modules, check_new_name, recaptured, registry, remap_paths
@@ -15,8 +15,7 @@ from fxpress.passes.rewire.branches import branch_modules, check_new_name, recap
 
 def context_width(attn: torch.nn.Module) -> int:
     """The width of the context (text tokens) a cross-attention reads: its key projection's input."""
-    to_k = attn.to_k
-    return int(to_k.in_features if hasattr(to_k, "in_features") else to_k.weight.shape[1])
+    return projection_shape(attn.to_k)[1]
 
 
 def adapted_path(path: str, targets: list[str]) -> str:

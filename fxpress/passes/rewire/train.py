@@ -5,6 +5,11 @@ MSE at uniform timesteps, with a share of conditions dropped to the unconditiona
 working. It runs on the one `train_student` (DDP under torchrun, checkpoints, resume, finite-loss
 check); with `ema` set, an exponential moving average of the trained parameters is kept, checkpointed
 with them, and written into the model at the end.
+
+The data's further inputs (`DiffusionData.inputs`: an image adapter's reference features, a control
+branch's map) reach the model by keyword; branches not named are frozen, so a train-only branch trained
+first (a LoRA on the fine-tuning set, a control branch) keeps supplying what it learned while the next
+one trains.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
 from fxpress.passes.base import PassResult
 from fxpress.passes.context import PassContext
 from fxpress.passes.quant.select_layers import layer_candidates
-from fxpress.passes.rewire.branches import registry, resolve_names
+from fxpress.passes.rewire.branches import branch_modules, registry, resolve_names
 from fxpress.passes.training_pass import TrainingPass
 from fxpress.training.loop import EMA, step_generator
 from fxpress.training.objectives import noised_batch
@@ -43,6 +48,7 @@ class AdapterConfig:
     warmup: int = 0
     ema: float | None = None
     prompt_dropout: float = 0.1
+    input_dropout: float = 0.05
     seed: int = 0
 
     def validate(self) -> AdapterConfig:
@@ -55,22 +61,21 @@ class AdapterConfig:
             raise RecipeError(f"adapter training: lr and base_lr must be positive, got {self.lr}, {self.base_lr}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise RecipeError(f"adapter training: ema must be a decay in (0, 1) or None, got {self.ema}")
-        if not 0.0 <= self.prompt_dropout < 1.0 or self.warmup < 0:
-            raise RecipeError("adapter training: prompt_dropout must be in [0, 1) and warmup >= 0")
+        if not (0.0 <= self.prompt_dropout < 1.0 and 0.0 <= self.input_dropout < 1.0) or self.warmup < 0:
+            raise RecipeError("adapter training: prompt_dropout and input_dropout must be in [0, 1) and warmup >= 0")
         return self
 
 
 def branch_parameters(graph: Graph, names: list[str]) -> list[nn.Parameter]:
-    """The trainable parameters of branches `names` (a LoRA's A and B factors of every wrapped layer)."""
-    params = []
+    """The trainable parameters of branches `names`: a LoRA's A and B factors, an image adapter's projector
+    and image keys and values, a control branch's copy and zero projections."""
+    params: dict[int, nn.Parameter] = {}
     for name in names:
-        entry = registry(graph)[name]
-        if entry.get("fused"):
+        if registry(graph)[name].get("fused"):
             raise RecipeError(f"branch {name!r} is fused into its base weights; unfuse it before training it")
-        for path in entry["targets"]:
-            wrapper = graph.module.get_submodule(path)
-            params += [wrapper.lora_A.weight, wrapper.lora_B.weight]
-    return params
+        for path in branch_modules(graph, name):
+            params.update({id(p): p for p in graph.module.get_submodule(path).parameters()})
+    return list(params.values())
 
 
 def base_parameters(graph: Graph, selectors: tuple[str, ...]) -> dict[str, list[nn.Parameter]]:
@@ -115,9 +120,10 @@ class TrainBranches(TrainingPass):
 
         def make_loss(model, ctx):
             def loss_fn(step: int) -> torch.Tensor:
-                b = noised_batch(data, step_generator(cfg.seed, step), cfg.batch,
-                                 prompt_dropout=cfg.prompt_dropout).shard(ctx)
-                return F.mse_loss(data.predict(model, b.noisy, b.t, b.cond), data.target(b.x0, b.noise, b.t))
+                b = noised_batch(data, step_generator(cfg.seed, step), cfg.batch, prompt_dropout=cfg.prompt_dropout,
+                                 input_dropout=cfg.input_dropout).shard(ctx)
+                return F.mse_loss(data.predict(model, b.noisy, b.t, b.cond, b.inputs),
+                                  data.target(b.x0, b.noise, b.t))
             return loss_fn
 
         report = self.fit(context, graph.module, make_loss, cfg.steps, groups, warmup=cfg.warmup,
