@@ -30,9 +30,9 @@ def _data(count: int = 12, features: int = 5) -> DiffusionData:
     gen = torch.Generator().manual_seed(0)
     base = DiffusionData(torch.randn(count, 1, 4, 4, generator=gen), torch.randn(count, 3, 8, generator=gen),
                          torch.zeros(1, 3, 8), zoo.get("testbed-digits-unet").training_data().scheduler)
+    image = torch.arange(count, dtype=torch.float32)[:, None].expand(count, features)
     return base, DiffusionData(base.samples, base.conditions, base.unconditional, base.scheduler,
-                               inputs={"image": torch.arange(count, dtype=torch.float32)[:, None].expand(count, features),
-                                       "map": torch.randn(count, 1, 4, 4, generator=gen)},
+                               inputs={"image": image, "map": torch.randn(count, 1, 4, 4, generator=gen)},
                                null_inputs={"image": torch.full((1, features), -1.0)})
 
 
