@@ -147,7 +147,7 @@ def train_denoiser(testbed: Testbed, ctx: Distributed, steps: int, batch: int, l
     in the testbed.
 
     `text_factor_loss` weighs an auxiliary cross-entropy of linear heads reading each factor named in
-    the caption from the text encoder's pooled output. Without it a jointly trained CLIP encoder let
+    the caption from the mean of the text encoder's hidden states. Without it a jointly trained CLIP encoder let
     some words fade (the shapes testbed's position words: benchmarks/results/shapes_position.md).
     """
     spec = testbed.spec
