@@ -171,7 +171,7 @@ def measure(testbed: Testbed, images: torch.Tensor, base_images: torch.Tensor, p
     predicted, features = classify(testbed, images)
     rotation = testbed.classifier.angles(images)["rotation"]
     same_id = (predicted["shape"] == refs["shape"]) & (predicted["colour"] == refs["colour"])
-    has_angle = (refs["shape"] != shapes.SHAPES.index("circle")) & (predicted["shape"] != shapes.SHAPES.index("circle"))
+    has_angle = shapes.angle_defined("rotation", refs) & shapes.angle_defined("rotation", predicted)
     phase = (rotation - refs["rotation"].float())[has_angle] * (2 * math.pi / shapes.ROTATION_PERIOD)
     return {
         "identity": float(same_id.float().mean()),
