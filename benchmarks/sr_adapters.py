@@ -263,7 +263,7 @@ def write_table(path: Path, record: dict) -> None:
     lines += ["", "Per seed:", "", "| method | seed | " + " | ".join(c[1] for c in cols) + " |",
               "|---" * (len(cols) + 2) + "|"]
     for method, rows in record["runs"].items():
-        for seed, row in zip(args.seeds, rows):
+        for seed, row in zip(record.get("run_seeds", {}).get(method, args.seeds), rows):
             lines.append(f"| {method} | {seed} | " + " | ".join(f"{row[k]:.3f}" for k, _ in cols) + " |")
     lines += ["", *acceptance(record["summary"]), "", *deployable_lines(record.get("deployable", {}))]
     path.write_text("\n".join(lines) + "\n" + record.get("notes", ""))
@@ -318,15 +318,25 @@ def datetime_now() -> str:
 
 
 def combine(out: Path, parts: list[str], cache: Path) -> None:
-    """Merge the parts' records and grids into one json, markdown table and PNG."""
+    """Merge the parts' records and grids into one json, markdown table and PNG; parts may hold other
+    methods or other seeds of the same method (the grid and export checks come from the lowest seed)."""
     records = [json.loads(out.with_suffix(f".{part}.json").read_text()) for part in parts]
-    record = {**records[0], "commands": [c for r in records for c in r["commands"]], "runs": {}, "summary": {},
-              "seconds": {}, "deployable": {}}
+    record = {**records[0], "commands": [c for r in records for c in r["commands"]], "runs": {}, "run_seeds": {},
+              "summary": {}, "seconds": {}, "deployable": {}}
     grids: dict[str, torch.Tensor] = {}
-    for part, r in zip(parts, records):
-        for key in ("runs", "summary", "seconds", "deployable"):
-            record[key].update(r.get(key, {}))
+    first_seed: dict[str, int] = {}
+    for part, r in sorted(zip(parts, records), key=lambda pr: min(pr[1]["settings"]["seeds"]), reverse=True):
+        seeds = r["settings"]["seeds"]
+        for method, rows in r["runs"].items():
+            pairs = sorted(zip(record["run_seeds"].get(method, []) + seeds[:len(rows)],
+                               record["runs"].get(method, []) + rows), key=lambda p: p[0])
+            record["run_seeds"][method], record["runs"][method] = [p[0] for p in pairs], [p[1] for p in pairs]
+            first_seed[method] = min(seeds)
+        record["seconds"].update({f"{k} ({part})" if k.startswith("part") else k: v for k, v in r["seconds"].items()})
+        record["deployable"].update(r.get("deployable", {}))
         grids.update(load_file(str(cache / f"grid_{part}.safetensors")))
+    record["summary"] = {m: summary(rows) for m, rows in record["runs"].items()}
+    record["settings"]["seeds"] = sorted({s for seeds in record["run_seeds"].values() for s in seeds})
     order = ["reference", "request (base model)", *METHODS]
     panels = {k: grids[k] for k in order if k in grids}
     out.with_suffix(".png").write_bytes(grid_png(panels, rows=8, columns=1, labels=record["grid_prompts"]))

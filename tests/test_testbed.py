@@ -64,16 +64,16 @@ def test_frechet_distance_of_gaussians():
 @pytest.mark.parametrize("name", ["digits", "digits-dit", "shapes"])
 def test_committed_weights_load_and_record_their_training(name):
     """The recorded quality of each committed testbed: every factor of its samples right at least 90% of the
-    time (shapes: 85%); the classifier reads the nuisance angles (shapes: rotation) to a few degrees."""
+    time; the classifier reads the nuisance angles (shapes: rotation) to a few degrees."""
     from fxpress.testbed import load_testbed
 
     testbed = load_testbed(name)
     record = testbed.record
     assert record["classifier_heldout_accuracy"] >= 0.95
     factors = record["quality"]["factor_accuracy"]
-    # shapes: position is learned (95.6%); shape is 86.5%, short of the 90% issue 21 asks for
-    assert min(factors.values()) >= (0.9 if name != "shapes" else 0.85), factors
-    assert record["quality"]["accuracy"] >= (0.9 if name != "shapes" else 0.75)
+    assert min(factors.values()) >= 0.9, factors
+    # shapes needs all four factors right at once (83.5% committed); the others name one factor
+    assert record["quality"]["accuracy"] >= (0.9 if name != "shapes" else 0.8)
     for angle, error in record.get("classifier_heldout_angle_error_deg", {}).items():
         assert error["mean"] <= 0.05 * error["period"], (angle, error)
     assert set(record.get("classifier_heldout_angle_error_deg", {})) == set(testbed.spec.angles)
@@ -185,3 +185,29 @@ def test_the_classifier_alone_can_be_trained_again(tmp_path):
             str(folder / f"{part}.safetensors"))
         assert all(torch.equal(old[k], new[k]) for k in old)
     assert main(["digits", "--out", str(tmp_path / "missing"), "--classifier-only"]) == 2
+
+
+def test_a_saved_testbed_can_be_trained_further(tmp_path):
+    """`--init-from` continues a saved testbed's denoiser and text encoder with a fresh optimizer, keeps its
+    classifier bit for bit and records where the earlier steps came from."""
+    from safetensors.torch import load_file
+
+    from fxpress.testbed.models import weights_dir
+    from fxpress.testbed.train import main
+
+    out = tmp_path / "more"
+    assert main(["digits", "--out", str(out), "--init-from", str(weights_dir("digits")), "--steps", "2",
+                 "--batch", "4", "--lr", "1e-3", "--no-quality"]) == 0
+    before = json.loads((weights_dir("digits") / "training.json").read_text())
+    after = json.loads((out / "training.json").read_text())
+    assert after["train"]["total_steps"] == before["train"]["steps"] + 2 and after["train"]["steps"] == 2
+    assert after["continued_from"]["path"] == str(weights_dir("digits"))
+    assert after["classifier_heldout_accuracy"] == before["classifier_heldout_accuracy"]
+    changed = {}
+    for part in ("classifier", "denoiser", "text_encoder"):
+        old, new = load_file(str(weights_dir("digits") / f"{part}.safetensors")), load_file(
+            str(out / f"{part}.safetensors"))
+        changed[part] = not all(torch.equal(old[k], new[k]) for k in old)
+    assert changed == {"classifier": False, "denoiser": True, "text_encoder": True}
+    assert main(["digits", "--out", str(tmp_path / "x"), "--init-from", str(tmp_path / "missing"), "--steps", "1",
+                 "--no-quality"]) == 2

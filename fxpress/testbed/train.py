@@ -190,16 +190,30 @@ def train_denoiser(testbed: Testbed, ctx: Distributed, steps: int, batch: int, l
 
 
 def train_testbed(spec: TestbedSpec, out: Path, ctx: Distributed, overrides: dict | None = None,
-                  resume: bool = False, evaluate_quality: bool = True) -> dict:
+                  resume: bool = False, evaluate_quality: bool = True, init_from: Path | None = None) -> dict:
     """Train every part of `spec`'s testbed, write weights + training.json to `out` (main rank); return the record.
 
-    `overrides` replace entries of the spec's training config (steps, batch, classifier_steps, ...).
+    `overrides` replace entries of the spec's training config (steps, batch, lr, classifier_steps, ...).
+    `init_from` names a saved testbed to continue from: its text encoder and denoiser are trained `steps`
+    more with a fresh optimizer, and its classifier is kept as it is.
     """
     config = {**spec.train, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     seed = config["seed"]
-    testbed = build_testbed(spec, seed)
+    previous: dict = {}
     began = time.perf_counter()
-    classifier_accuracy = train_classifier(testbed, config["classifier_steps"], seed)
+    if init_from is not None:
+        from fxpress.testbed.models import load_testbed
+
+        testbed = load_testbed(spec.name, init_from)
+        previous = testbed.record
+        for module in testbed.parts().values():
+            module.train().requires_grad_(True)
+        testbed.classifier.eval().requires_grad_(False)
+        classifier_accuracy = previous["classifier_heldout_accuracy"]
+        seed = seed + 1 + previous["train"]["steps"]  # fresh batches, not a replay of the first run's
+    else:
+        testbed = build_testbed(spec, seed)
+        classifier_accuracy = train_classifier(testbed, config["classifier_steps"], seed)
     classifier_seconds = time.perf_counter() - began
     marker = out / "checkpoint" / "checkpoint.json"
     resumed_from = int(json.loads(marker.read_text())["step"]) if resume and marker.exists() else 0
@@ -220,6 +234,15 @@ def train_testbed(spec: TestbedSpec, out: Path, ctx: Distributed, overrides: dic
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "command": "python -m fxpress.testbed.train " + " ".join(sys.argv[1:]),
     }
+    if init_from is not None:  # the classifier and the earlier steps come from there
+        earlier = previous.get("continued_from", {}).get("commands", [])
+        record["continued_from"] = {"path": str(init_from), "train": previous["train"],
+                                    "commands": earlier + [previous.get("command")]}
+        record["train"] = {**config, "total_steps": previous["train"].get("total_steps", previous["train"]["steps"])
+                           + config["steps"]}
+        record["classifier_seconds"] = previous.get("classifier_seconds")
+        if "classifier_command" in previous:
+            record["classifier_command"] = previous["classifier_command"]
     if ctx.is_main:
         for module in testbed.parts().values():
             module.to("cpu").eval().requires_grad_(False)
@@ -265,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the spec's denoiser steps")
     parser.add_argument("--batch", type=int, default=None, help="override the global batch")
     parser.add_argument("--classifier-steps", type=int, default=None, help="override the classifier's steps")
+    parser.add_argument("--lr", type=float, default=None, help="override the denoiser's learning rate")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue training the saved testbed there (fresh optimizer, its classifier kept)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     parser.add_argument("--no-quality", action="store_true", help="skip the quality evaluation at the end")
     parser.add_argument("--classifier-only", action="store_true",
@@ -281,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ctx = Distributed.from_env()
     try:
-        overrides = {"steps": args.steps, "batch": args.batch, "classifier_steps": args.classifier_steps}
-        record = train_testbed(get_spec(args.testbed), args.out, ctx, overrides, args.resume, not args.no_quality)
+        overrides = {"steps": args.steps, "batch": args.batch, "classifier_steps": args.classifier_steps,
+                     "lr": args.lr}
+        record = train_testbed(get_spec(args.testbed), args.out, ctx, overrides, args.resume, not args.no_quality,
+                               args.init_from)
     except FxpressError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
