@@ -4,13 +4,15 @@
 per-pass log lines alike; errors and the final report still print. Importing diffusers with torchao
 installed (executorch brings it) logs torchao's optional-extension and deprecation messages that no
 fxpress user can act on; `quiet_third_party()` drops exactly those records at the loggers that emit
-them, leaving every other warning of those libraries (and all of Python's warnings) untouched.
+them, leaving every other warning of those libraries untouched. `third_party_warnings_off()` does the
+same for the Python warnings in THIRD_PARTY_WARNINGS, around the one fxpress call that triggers each.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -24,6 +26,14 @@ THIRD_PARTY_NOISE: tuple[tuple[str, str], ...] = (
     ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
     # the ONNX exporter lists torchvision's ops it skips, once per export, though no model here uses them
     ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+)
+
+# (category, message pattern) of Python warnings torch raises from inside its own code, dropped only around
+# the fxpress calls that trigger them.
+THIRD_PARTY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # torch >= 2.13: torch.onnx's decomposition deep-copies the exported graph, and copying its pytree
+    # specs warns about torch's own use of the deprecated LeafSpec
+    (FutureWarning, r".*isinstance\(treespec, LeafSpec\)"),
 )
 
 
@@ -60,6 +70,15 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
             logger.addFilter(_DropPrefixes(prefixes))
+
+
+@contextmanager
+def third_party_warnings_off() -> Iterator[None]:
+    """Within the block, drop the THIRD_PARTY_WARNINGS (every other warning still shows)."""
+    with warnings.catch_warnings():
+        for category, pattern in THIRD_PARTY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=category)
+        yield
 
 
 @contextmanager

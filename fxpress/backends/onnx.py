@@ -27,6 +27,7 @@ from fxpress.errors import LoweringError
 from fxpress.ir.graph import Inputs
 from fxpress.kernels.ops import kernels_for, registered_kernels
 from fxpress.kernels.packing import unpack_words
+from fxpress.output import third_party_warnings_off
 
 DOMAIN = "fxpress"
 OPSET = 21      # DequantizeLinear with INT4 codes; the exporter writes this opset
@@ -345,8 +346,9 @@ def export_onnx(target: Any, example_inputs: Any, path: str | Path, model: Any =
     was_training = module.training
     module.eval()
     try:
-        program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
-                                    custom_translation_table=_placeholder_ops(), verbose=False)
+        with third_party_warnings_off():
+            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
+                                        custom_translation_table=_placeholder_ops(), verbose=False)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; all mean "cannot export"
         raise LoweringError(f"torch.onnx could not export {type(module).__name__}: {_export_failure(exc)}") from exc
     finally:

@@ -23,17 +23,18 @@ def grid_png(panels: dict[str, torch.Tensor], rows: int, columns: int = 8, label
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.6 * len(panels) * columns / 4, 0.45 * rows + 1),
-                             squeeze=False)
-    for ax, (title, images) in zip(axes[0], panels.items()):
+    label_width = 0.055 * max((len(t) for t in labels), default=0) if labels else 0.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + label_width + 1.6 * len(panels) * max(columns, 2) / 4,
+                                                      0.45 * rows + 1), squeeze=False)
+    for i, (ax, (title, images)) in enumerate(zip(axes[0], panels.items())):
         grid = sample_grid(images, rows, columns)
         ax.imshow(grid.squeeze(-1).numpy() if grid.shape[-1] == 1 else grid.numpy(), cmap="gray",
                   interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=8)
         ax.set_xticks([])
         height = grid.shape[0] // rows
-        ax.set_yticks([height * (i + 0.5) for i in range(rows)] if labels else [])
-        if labels:
+        ax.set_yticks([height * (r + 0.5) for r in range(rows)] if labels and i == 0 else [])
+        if labels and i == 0:  # the prompts once, left of the first panel
             ax.set_yticklabels(labels, fontsize=6)
     fig.tight_layout()
     buffer = io.BytesIO()

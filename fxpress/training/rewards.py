@@ -1,0 +1,234 @@
+"""Differentiable rewards of generated images, for reward fine-tuning (TextCraftor, PAPERS.md §4).
+
+A reward scores images (N, C, H, W) in [-1, 1], given what the prompts asked for, with (N,) values
+(higher is better) that are differentiable in the images. Each also has `evaluate`: a held-out measure
+of the same quality that is not the reward itself (a second classifier, or a hard, non-differentiable
+statistic), so reward hacking shows up as a reward that rises while its evaluator does not.
+
+`AlignmentReward` is the CLIP-score analogue: the log-probability, under a classifier, of the factors the
+prompt names. The style rewards ask for something no prompt names and come in opposite pairs:
+`Brightness` (bright / dark), `Saturation` (vivid / muted, colour images) and `InkCoverage` (thick / thin
+strokes). `WeightedRewards` makes the loss −Σ wᵢ·mean(rᵢ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxpress.errors import FxpressError
+
+Targets = Mapping[str, torch.Tensor]  # factor name -> (N,) requested class, -1 where the prompt does not say
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4:
+        raise FxpressError(f"rewards take images (batch, channels, height, width), got {tuple(images.shape)}")
+    return (images + 1) / 2
+
+
+def background(images: torch.Tensor) -> torch.Tensor:
+    """Return each image's background colour (N, C, 1, 1): the median of its border pixels (no gradient)."""
+    x = images.detach()
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    return border.median(dim=2).values[:, :, None, None]
+
+
+def foreground_mask(images: torch.Tensor, threshold: float = 0.15) -> torch.Tensor:
+    """Return a hard (N, H, W) mask of the pixels that differ from the image's background by more than
+    `threshold` (mean absolute difference over channels, images in [-1, 1])."""
+    return (images.detach() - background(images)).abs().mean(1) > threshold
+
+
+class Reward(nn.Module):
+    """A differentiable score of images given the prompts' targets, with a held-out `evaluate`."""
+
+    name = "reward"
+
+    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        """Return (N,) rewards, differentiable in `images`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        """Return (N,) values of the held-out measure of the same quality."""
+        raise NotImplementedError
+
+
+class AlignmentReward(Reward):
+    """Mean log-probability, under `classifier`, of the factor values the prompt names (rows naming no
+    factor score 0); evaluated by `judge`, a second classifier, as the share of named factors it reads
+    back. Both return {factor: logits} like the testbeds' `FactorClassifier`."""
+
+    name = "alignment"
+
+    def __init__(self, classifier: nn.Module, judge: nn.Module):
+        super().__init__()
+        if judge is classifier:
+            raise FxpressError("the alignment reward's judge must be a second classifier, not the reward's own")
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.judge = judge.eval().requires_grad_(False)
+
+    def _named(self, targets: Targets | None, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not targets:
+            raise FxpressError("the alignment reward needs the prompts' targets ({factor: (N,) class or -1})")
+        unknown = sorted(set(targets) - set(logits))
+        if unknown:
+            raise FxpressError(f"alignment reward: the classifier has no head for {unknown}; it reads "
+                               f"{sorted(logits)}")
+        return {k: v.long() for k, v in targets.items()}
+
+    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        logits = self.classifier(images)
+        named = self._named(targets, logits)
+        total = images.new_zeros(images.shape[0])
+        count = images.new_zeros(images.shape[0])
+        for factor, target in named.items():
+            given = target >= 0
+            logp = logits[factor].log_softmax(-1).gather(1, target.clamp_min(0).view(-1, 1)).squeeze(1)
+            total = total + torch.where(given, logp, torch.zeros_like(logp))
+            count = count + given.to(count.dtype)
+        return total / count.clamp_min(1)
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        logits = self.judge(images)
+        named = self._named(targets, logits)
+        hits = images.new_zeros(images.shape[0])
+        count = images.new_zeros(images.shape[0])
+        for factor, target in named.items():
+            given = target >= 0
+            hits = hits + ((logits[factor].argmax(-1) == target) & given).to(hits.dtype)
+            count = count + given.to(count.dtype)
+        return torch.where(count > 0, hits / count.clamp_min(1), torch.ones_like(hits))
+
+
+class Brightness(Reward):
+    """`direction` (+1 brighter, −1 darker) times the mean pixel value of the whole image, in [0, 1];
+    evaluated as the median HSV value (max over channels) of the foreground pixels only, so brightening
+    the background alone raises the reward but not the evaluator."""
+
+    def __init__(self, direction: float = 1.0):
+        super().__init__()
+        self.direction = float(direction)
+        self.name = "bright" if direction > 0 else "dark"
+
+    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        return self.direction * _to_unit(images).mean((1, 2, 3))
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        value = _to_unit(images).amax(1)
+        return _masked_median(value, foreground_mask(images))
+
+
+class Saturation(Reward):
+    """`direction` (+1 vivid, −1 muted) times the foreground-weighted mean chroma (max − min over the
+    colour channels, in [0, 1]); evaluated as the median HSV saturation (max − min) / max of the hard
+    foreground. Colour images only."""
+
+    def __init__(self, direction: float = 1.0, sharpness: float = 20.0):
+        super().__init__()
+        self.direction, self.sharpness = float(direction), float(sharpness)
+        self.name = "vivid" if direction > 0 else "muted"
+
+    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        _need_colour(images, self.name)
+        unit = _to_unit(images)
+        chroma = unit.amax(1) - unit.amin(1)
+        weight = torch.sigmoid(self.sharpness * ((images - background(images)).abs().mean(1) - 0.15)).detach()
+        return self.direction * (chroma * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        _need_colour(images, self.name)
+        unit = _to_unit(images)
+        high, low = unit.amax(1), unit.amin(1)
+        return _masked_median((high - low) / high.clamp_min(1e-3), foreground_mask(images))
+
+
+class InkCoverage(Reward):
+    """`direction` (+1 thicker, −1 thinner strokes) times the soft share of pixels brighter than the middle
+    grey (a sigmoid of sharpness `sharpness`); evaluated as the mean stroke width in pixels of the hard ink
+    mask, 4·d − 2 with d the mean distance of ink pixels to the nearest background pixel (across a stroke
+    w pixels wide the distances run 1, 2, …, w/2 and back, so d ≈ (w + 2) / 4)."""
+
+    def __init__(self, direction: float = 1.0, sharpness: float = 10.0):
+        super().__init__()
+        self.direction, self.sharpness = float(direction), float(sharpness)
+        self.name = "thick" if direction > 0 else "thin"
+
+    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        luminance = _to_unit(images).mean(1) * 2 - 1
+        return self.direction * torch.sigmoid(self.sharpness * luminance).mean((1, 2))
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        from scipy.ndimage import distance_transform_edt
+
+        ink = (images.detach().mean(1) > 0).cpu().numpy()
+        widths = []
+        for mask in ink:
+            if not mask.any():
+                widths.append(0.0)
+                continue
+            distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+            widths.append(float(4 * distance[mask].mean() - 2))
+        return torch.tensor(widths, dtype=images.dtype)
+
+
+def _need_colour(images: torch.Tensor, name: str) -> None:
+    if images.dim() != 4 or images.shape[1] < 3:
+        raise FxpressError(f"the {name!r} reward needs colour images (3 channels), got {tuple(images.shape)}")
+
+
+def _masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Median of `values` (N, H, W) over each image's mask; 0 where the mask is empty."""
+    out = []
+    for v, m in zip(values, mask):
+        out.append(v[m].median() if m.any() else v.new_zeros(()))
+    return torch.stack(out)
+
+
+STYLE_REWARDS = {"bright": (Brightness, 1.0), "dark": (Brightness, -1.0), "vivid": (Saturation, 1.0),
+                 "muted": (Saturation, -1.0), "thick": (InkCoverage, 1.0), "thin": (InkCoverage, -1.0)}
+
+
+def style_reward(name: str) -> Reward:
+    """Return the style reward called `name` (one of STYLE_REWARDS)."""
+    if name not in STYLE_REWARDS:
+        raise FxpressError(f"unknown style reward {name!r}; known: {', '.join(STYLE_REWARDS)} (and 'alignment')")
+    kind, direction = STYLE_REWARDS[name]
+    return kind(direction)
+
+
+class WeightedRewards(nn.Module):
+    """Several rewards with weights: `loss` is −Σ wᵢ·mean(rᵢ); `scores` and `evaluate` report each one."""
+
+    def __init__(self, rewards: Mapping[str, tuple[Reward, float]]):
+        super().__init__()
+        if not rewards:
+            raise FxpressError("reward fine-tuning needs at least one reward (name=weight)")
+        for name, (_, weight) in rewards.items():
+            if not np.isfinite(weight):
+                raise FxpressError(f"reward {name!r}: the weight must be a finite number, got {weight}")
+        self.rewards = nn.ModuleDict({name: reward for name, (reward, _) in rewards.items()})
+        self.weights = {name: float(weight) for name, (_, weight) in rewards.items()}
+
+    def scores(self, images: torch.Tensor, targets: Targets | None = None) -> dict[str, torch.Tensor]:
+        """Return each reward's (N,) values."""
+        return {name: reward(images, targets) for name, reward in self.rewards.items()}
+
+    def loss(self, images: torch.Tensor, targets: Targets | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (−Σ wᵢ·mean(rᵢ), each reward's batch mean)."""
+        scores = self.scores(images, targets)
+        total = -sum(self.weights[name] * value.mean() for name, value in scores.items())
+        return total, {name: float(value.detach().mean()) for name, value in scores.items()}
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> dict[str, torch.Tensor]:
+        """Return each reward's held-out evaluator values (N,)."""
+        return {name: reward.evaluate(images, targets) for name, reward in self.rewards.items()}

@@ -1,0 +1,157 @@
+"""Rewards for reward fine-tuning and the truncated-backprop sampler they train through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+from fxpress.errors import FxpressError
+from fxpress.ir.sampler import SamplerSpec, sample
+from fxpress.testbed.classifier import FactorClassifier
+from fxpress.testbed.sampling import schedule
+from fxpress.training.reward_sampling import draw_grad_steps, truncated_sample
+from fxpress.training.rewards import (
+    AlignmentReward,
+    Brightness,
+    InkCoverage,
+    Saturation,
+    WeightedRewards,
+    foreground_mask,
+    style_reward,
+)
+
+
+def square(value: tuple[float, ...], back: tuple[float, ...], size: int = 16, lo: int = 5, hi: int = 11):
+    """One image (1, C, size, size) in [-1, 1]: a square of colour `value` on a background `back`."""
+    image = torch.tensor(back).view(1, -1, 1, 1).expand(1, len(back), size, size).clone()
+    image[:, :, lo:hi, lo:hi] = torch.tensor(value).view(1, -1, 1, 1)
+    return image
+
+
+def test_brightness_reward_and_its_evaluator_see_different_things():
+    dim = square((0.0, 0.0, 0.0), (-0.8, -0.8, -0.8))
+    lit_shape = square((0.8, 0.8, 0.8), (-0.8, -0.8, -0.8))
+    lit_background = square((0.0, 0.0, 0.0), (-0.4, -0.4, -0.4))
+    bright, dark = Brightness(1.0), Brightness(-1.0)
+    assert bright(lit_shape) > bright(dim) and dark(lit_shape) < dark(dim)
+    assert torch.allclose(bright(dim), -dark(dim))
+    # washing out the background raises the reward but not the held-out evaluator (the shape's own value)
+    assert bright(lit_background) > bright(dim)
+    assert torch.allclose(bright.evaluate(lit_background), bright.evaluate(dim))
+    assert bright.evaluate(lit_shape) > bright.evaluate(dim)
+    image = dim.clone().requires_grad_(True)
+    bright(image).sum().backward()
+    assert image.grad is not None and (image.grad > 0).all()
+
+
+def test_saturation_reward_prefers_colour_and_needs_colour_images():
+    grey = square((0.5, 0.5, 0.5), (-0.8, -0.8, -0.8))
+    red = square((0.9, -0.6, -0.6), (-0.8, -0.8, -0.8))
+    vivid, muted = Saturation(1.0), Saturation(-1.0)
+    assert vivid(red) > vivid(grey) + 0.5 and muted(red) < muted(grey)
+    assert torch.allclose(vivid.evaluate(red), torch.tensor([0.75 / 0.95])) and vivid.evaluate(grey) < 0.05
+    assert foreground_mask(red).sum() == 36
+    with pytest.raises(FxpressError, match="colour"):
+        vivid(torch.zeros(2, 1, 8, 8))
+
+
+def test_ink_evaluator_reads_stroke_width_in_pixels():
+    thin, thick = torch.full((1, 1, 28, 28), -1.0), torch.full((1, 1, 28, 28), -1.0)
+    thin[..., 4:24, 10:12] = 1.0   # a bar 2 pixels wide
+    thick[..., 4:24, 10:16] = 1.0  # 6 pixels wide
+    reward = InkCoverage(1.0)
+    widths = torch.cat([reward.evaluate(thin), reward.evaluate(thick)])
+    assert 1.5 < widths[0] < 3.0 and 4.5 < widths[1] < 7.5
+    assert reward(thick) > reward(thin) and style_reward("thin")(thick) < style_reward("thin")(thin)
+    assert reward.evaluate(torch.full((1, 1, 8, 8), -1.0)).item() == 0.0
+
+
+def test_alignment_reward_is_the_log_probability_of_the_named_factors():
+    torch.manual_seed(0)
+    classifier = FactorClassifier(3, 16, {"shape": 4, "colour": 3})
+    judge = FactorClassifier(3, 16, {"shape": 4, "colour": 3})
+    reward = AlignmentReward(classifier, judge)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    targets = {"shape": torch.tensor([1, -1, -1]), "colour": torch.tensor([2, 0, -1])}
+    logits = classifier(images)
+    logp = {k: v.log_softmax(-1) for k, v in logits.items()}
+    expected = torch.stack([(logp["shape"][0, 1] + logp["colour"][0, 2]) / 2, logp["colour"][1, 0],
+                            torch.tensor(0.0)])
+    assert torch.allclose(reward(images, targets), expected, atol=1e-6)
+    judged = judge(images)
+    hit0 = ((judged["shape"][0].argmax() == 1).float() + (judged["colour"][0].argmax() == 2).float()) / 2
+    assert torch.allclose(reward.evaluate(images, targets)[0], hit0)
+    assert reward.evaluate(images, targets)[2] == 1.0  # nothing asked, nothing missed
+    with pytest.raises(FxpressError, match="second classifier"):
+        AlignmentReward(classifier, classifier)
+    with pytest.raises(FxpressError, match="no head"):
+        reward(images, {"size": torch.zeros(3, dtype=torch.long)})
+
+
+def test_weighted_rewards_make_the_negative_weighted_sum():
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    rewards = WeightedRewards({"bright": (Brightness(1.0), 2.0), "vivid": (Saturation(1.0), 0.5)})
+    loss, means = rewards.loss(images)
+    expected = -(2.0 * Brightness(1.0)(images).mean() + 0.5 * Saturation(1.0)(images).mean())
+    assert torch.allclose(loss, expected) and set(means) == {"bright", "vivid"}
+    assert set(rewards.evaluate(images)) == {"bright", "vivid"}
+    with pytest.raises(FxpressError, match="finite"):
+        WeightedRewards({"bright": (Brightness(1.0), float("nan"))})
+    with pytest.raises(FxpressError, match="unknown style reward"):
+        style_reward("shiny")
+
+
+class TinyDenoiser(nn.Module):
+    """A denoiser whose prediction depends on the sample, the timestep and the condition's mean."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.cond = nn.Linear(8, 3)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        shift = self.cond(encoder_hidden_states.mean(1))[:, :, None, None]
+        return torch.tanh(self.conv(sample) + shift) * (timestep.float()[:, None, None, None] / 1000 + 0.5)
+
+
+def spec(steps: int = 5) -> SamplerSpec:
+    return SamplerSpec.from_scheduler(DDIMScheduler(**schedule(), clip_sample=True, set_alpha_to_one=False), steps,
+                                      guidance_scale=2.0)
+
+
+def test_truncated_sampling_draws_the_same_samples_and_only_late_steps_carry_gradients():
+    model = TinyDenoiser().requires_grad_(False)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(2, 4, 8, requires_grad=True)
+    uncond = torch.zeros(1, 4, 8)
+    with torch.no_grad():
+        plain = sample(spec(), model, noise, cond, uncond)
+    for k in (None, 1, 3):
+        assert torch.allclose(truncated_sample(spec(), model, noise, cond, uncond, grad_steps=k), plain, atol=1e-6)
+    # K = 1 with the frozen embeddings given: the early steps use them, the last step the tuned ones
+    frozen = torch.randn(2, 4, 8)
+    mixed = truncated_sample(spec(), model, noise, cond, uncond, grad_steps=1, frozen_cond=frozen)
+    s = spec()
+    x = noise
+    with torch.no_grad():
+        for i, (t, prev) in enumerate(zip(s.timesteps, s.prev_timesteps)):
+            x = sample(s.with_timesteps([t], prev_timesteps=(prev,)), model, x, cond if i == s.steps - 1 else frozen,
+                       uncond)
+    assert torch.allclose(mixed, x, atol=1e-6)
+    # gradients: checkpointed equals plain, and more steps with gradients give a different gradient
+    grads = {}
+    for k, ckpt in ((1, True), (1, False), (None, True)):
+        cond.grad = None
+        truncated_sample(spec(), model, noise, cond, uncond, grad_steps=k, checkpoint=ckpt).square().sum().backward()
+        grads[(k, ckpt)] = cond.grad.clone()
+    assert grads[(1, True)].abs().sum() > 0
+    assert torch.allclose(grads[(1, True)], grads[(1, False)], atol=1e-6)
+    assert not torch.allclose(grads[(1, True)], grads[(None, True)], atol=1e-4)
+    with pytest.raises(FxpressError, match="positive integer"):
+        truncated_sample(spec(), model, noise, cond, uncond, grad_steps=0)
+    gen = torch.Generator().manual_seed(0)
+    drawn = {draw_grad_steps(gen, 3) for _ in range(50)}
+    assert drawn == {1, 2, 3}
