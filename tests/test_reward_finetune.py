@@ -1,0 +1,90 @@
+"""RewardFinetune: the text encoder alone moves, and the reward it is tuned on rises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+import fxpress
+from fxpress.errors import PassError, RecipeError
+from fxpress.ir.sampler import SamplerSpec, sample
+from fxpress.passes.context import PassContext
+from fxpress.passes.pipeline import Pipeline
+from fxpress.passes.reward.finetune import PromptSet, RewardConfig, RewardFinetune, hidden_states
+from fxpress.testbed.sampling import schedule
+from fxpress.training.rewards import Brightness, WeightedRewards
+
+WIDTH, LENGTH = 16, 4
+
+
+class TinyDenoiser(nn.Module):
+    """Predicts noise from the sample and the mean of the text hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.cond = nn.Linear(WIDTH, 3)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return torch.tanh(self.conv(sample)) + self.cond(encoder_hidden_states.mean(1))[:, :, None, None]
+
+
+def encoder() -> CLIPTextModel:
+    torch.manual_seed(1)
+    config = CLIPTextConfig(vocab_size=8, hidden_size=WIDTH, intermediate_size=32, projection_dim=WIDTH,
+                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=LENGTH,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return CLIPTextModel(config).eval()
+
+
+def setup():
+    ids = torch.tensor([[1, 3, 2, 0], [1, 4, 2, 0], [1, 5, 6, 2], [1, 7, 2, 0]])
+    prompts = PromptSet(ids, torch.tensor([[1, 2, 0, 0]]), {"word": torch.tensor([0, 1, 2, 3])})
+    spec = SamplerSpec.from_scheduler(DDIMScheduler(**schedule(), clip_sample=True, set_alpha_to_one=False), 3,
+                                      guidance_scale=2.0)
+    graph = fxpress.capture(encoder(), (ids[:2],))
+    return graph, prompts, spec, TinyDenoiser().eval()
+
+
+def brightness(text: nn.Module, denoiser: nn.Module, prompts: PromptSet, spec: SamplerSpec) -> float:
+    noise = torch.randn(len(prompts), 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        images = sample(spec, denoiser, noise, hidden_states(text, prompts.input_ids),
+                        hidden_states(text, prompts.unconditional))
+    return float(Brightness(1.0)(images).mean())
+
+
+def test_reward_finetune_moves_only_the_encoder_and_raises_the_reward():
+    graph, prompts, spec, denoiser = setup()
+    before = {k: v.clone() for k, v in graph.module.state_dict().items()}
+    denoiser_before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
+    tune = RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(steps=12, batch=4, lr=3e-3, grad_steps=2, ema=0.5))
+    context = PassContext(components={"denoiser": denoiser, "prompts": prompts})
+    tuned, report = Pipeline([tune]).run(graph, context)
+    assert all(torch.equal(v, denoiser_before[k]) for k, v in denoiser.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in graph.module.state_dict().items())  # the input stays
+    moved = [k for k, v in tuned.module.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved, "the encoder did not train"
+    original = brightness(graph.module, denoiser, prompts, spec)
+    assert brightness(tuned.module, denoiser, prompts, spec) > original + 0.01
+    details = report.passes[0].details
+    assert details["grad_steps"] == 2 and set(details["rewards_last_batch"]) == {"bright"}
+
+
+def test_reward_finetune_says_what_is_missing_or_wrong():
+    graph, prompts, spec, denoiser = setup()
+    rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
+    tune = RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(steps=1, batch=2))
+    with pytest.raises(PassError, match="denoiser"):
+        Pipeline([tune]).run(graph, PassContext(components={"prompts": prompts}))
+    with pytest.raises(PassError, match="PromptSet"):
+        Pipeline([tune]).run(graph, PassContext(components={"denoiser": denoiser}))
+    with pytest.raises(RecipeError, match="grad_steps"):
+        RewardConfig(grad_steps=0).validate()
+    with pytest.raises(RecipeError, match="unconditional"):
+        PromptSet(prompts.input_ids, torch.ones(2, LENGTH, dtype=torch.long))
