@@ -11,6 +11,7 @@ from fxpress.errors import FxpressError
 from fxpress.ir.sampler import SamplerSpec, sample
 from fxpress.testbed.classifier import FactorClassifier
 from fxpress.testbed.sampling import schedule
+from fxpress.training.blend import blend_embeddings, blend_weights, blended_sample
 from fxpress.training.reward_sampling import draw_grad_steps, truncated_sample
 from fxpress.training.rewards import (
     AlignmentReward,
@@ -155,3 +156,43 @@ def test_truncated_sampling_draws_the_same_samples_and_only_late_steps_carry_gra
     gen = torch.Generator().manual_seed(0)
     drawn = {draw_grad_steps(gen, 3) for _ in range(50)}
     assert drawn == {1, 2, 3}
+
+
+def test_weight_blend_interpolates_every_float_tensor_and_refuses_strangers():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    mid = blend_weights(a, b, 0.25)
+    assert torch.allclose(mid.weight, 0.25 * a.weight + 0.75 * b.weight)
+    assert torch.equal(blend_weights(a, b, 1.0).bias, a.bias) and torch.equal(blend_weights(a, b, 0.0).bias, b.bias)
+    assert mid is not a and torch.equal(a.weight, a.weight.clone())
+    with pytest.raises(FxpressError, match="shapes"):
+        blend_weights(a, nn.Linear(5, 3), 0.5)
+    with pytest.raises(FxpressError, match="one model only"):
+        blend_weights(a, nn.Linear(4, 3, bias=False), 0.5)
+    with pytest.raises(FxpressError, match="finite"):
+        blend_weights(a, b, float("inf"))
+
+
+def test_embedding_blend_while_sampling():
+    model = TinyDenoiser().requires_grad_(False)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    tuned = (torch.randn(2, 4, 8), torch.randn(1, 4, 8))
+    original = (torch.randn(2, 4, 8), torch.zeros(1, 4, 8))
+    s = spec()
+    with torch.no_grad():
+        assert torch.allclose(blended_sample(s, model, noise, tuned, original, 1.0), sample(s, model, noise, *tuned))
+        assert torch.allclose(blended_sample(s, model, noise, tuned, original, 0.0), sample(s, model, noise, *original))
+        assert torch.allclose(blended_sample(s, model, noise, tuned, original, 1.0, last_steps=0),
+                              sample(s, model, noise, *original))
+        half = tuple(0.5 * t + 0.5 * o for t, o in zip(tuned, original))
+        assert torch.allclose(blended_sample(s, model, noise, tuned, original, 0.5), sample(s, model, noise, *half),
+                              atol=1e-6)
+        # the tuned embeddings for the last 2 steps only: the original's first 3 steps, then the tuned ones
+        early = sample(s.with_timesteps(list(s.timesteps[:3]), prev_timesteps=s.prev_timesteps[:3]), model, noise,
+                       *original)
+        late = sample(s.with_timesteps(list(s.timesteps[3:])), model, early, *tuned)
+        assert torch.allclose(blended_sample(s, model, noise, tuned, original, 1.0, last_steps=2), late, atol=1e-6)
+    with pytest.raises(FxpressError, match="last_steps"):
+        blended_sample(s, model, noise, tuned, original, 1.0, last_steps=-1)
+    assert torch.allclose(blend_embeddings(tuned[0], original[0], 0.3), 0.3 * tuned[0] + 0.7 * original[0],
+                          atol=1e-6)
