@@ -72,38 +72,35 @@ class AlignmentReward(Reward):
         self.classifier = classifier.eval().requires_grad_(False)
         self.judge = judge.eval().requires_grad_(False)
 
-    def _named(self, targets: Targets | None, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _per_factor_mean(self, targets: Targets | None, logits: Mapping[str, torch.Tensor], score) -> tuple:
+        """Return (mean over each row's named factors of score(logits, target), how many it names)."""
         if not targets:
             raise FxpressError("the alignment reward needs the prompts' targets ({factor: (N,) class or -1})")
         unknown = sorted(set(targets) - set(logits))
         if unknown:
             raise FxpressError(f"alignment reward: the classifier has no head for {unknown}; it reads "
                                f"{sorted(logits)}")
-        return {k: v.long() for k, v in targets.items()}
+        total = count = 0
+        for factor, target in targets.items():
+            given = target.long() >= 0
+            value = score(logits[factor], target.long().clamp_min(0))
+            total = total + torch.where(given, value, torch.zeros_like(value))
+            count = count + given.to(value.dtype)
+        return total / count.clamp_min(1), count
 
     def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
-        logits = self.classifier(images)
-        named = self._named(targets, logits)
-        total = images.new_zeros(images.shape[0])
-        count = images.new_zeros(images.shape[0])
-        for factor, target in named.items():
-            given = target >= 0
-            logp = logits[factor].log_softmax(-1).gather(1, target.clamp_min(0).view(-1, 1)).squeeze(1)
-            total = total + torch.where(given, logp, torch.zeros_like(logp))
-            count = count + given.to(count.dtype)
-        return total / count.clamp_min(1)
+        def log_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return logits.log_softmax(-1).gather(1, target.view(-1, 1)).squeeze(1)
+
+        return self._per_factor_mean(targets, self.classifier(images), log_probability)[0]
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
-        logits = self.judge(images)
-        named = self._named(targets, logits)
-        hits = images.new_zeros(images.shape[0])
-        count = images.new_zeros(images.shape[0])
-        for factor, target in named.items():
-            given = target >= 0
-            hits = hits + ((logits[factor].argmax(-1) == target) & given).to(hits.dtype)
-            count = count + given.to(count.dtype)
-        return torch.where(count > 0, hits / count.clamp_min(1), torch.ones_like(hits))
+        def hit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return (logits.argmax(-1) == target).to(logits.dtype)
+
+        share, count = self._per_factor_mean(targets, self.judge(images), hit)
+        return torch.where(count > 0, share, torch.ones_like(share))
 
 
 class Brightness(Reward):
