@@ -21,7 +21,7 @@ from torch import nn
 
 from fxpress.errors import FxpressError
 from fxpress.testbed.classifier import angle_error, angle_to_vector
-from fxpress.testbed.models import Testbed, build_testbed, save_testbed
+from fxpress.testbed.models import Testbed, build_testbed, load_testbed, save_testbed
 from fxpress.testbed.sampling import predict_noise, schedule, training_scheduler
 from fxpress.testbed.specs import TestbedSpec, get_spec
 from fxpress.testbed.text import PAD
@@ -202,8 +202,6 @@ def train_testbed(spec: TestbedSpec, out: Path, ctx: Distributed, overrides: dic
     previous: dict = {}
     began = time.perf_counter()
     if init_from is not None:
-        from fxpress.testbed.models import load_testbed
-
         testbed = load_testbed(spec.name, init_from)
         previous = testbed.record
         for module in testbed.parts().values():

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from fxpress.errors import FxpressError
-from fxpress.ir.sampler import SamplerSpec, ddim_step, guided_output
+from fxpress.ir.sampler import SamplerSpec
+from fxpress.training.reward_sampling import truncated_sample
 
 
 def _check_weight(weight: float) -> float:
@@ -57,15 +58,12 @@ def blended_sample(spec: SamplerSpec, model: Any, noise: torch.Tensor, tuned: tu
                    original: tuple[torch.Tensor, torch.Tensor], weight: float = 1.0,
                    last_steps: int | None = None) -> torch.Tensor:
     """Return samples whose steps are conditioned on w·tuned + (1 − w)·original embeddings ((cond, uncond)
-    pairs); with `last_steps` S, only the last S steps use the blend and the earlier ones the original."""
+    pairs); with `last_steps` S, only the last S steps use the blend and the earlier ones the original
+    (the same split as `truncated_sample`'s, here without gradients)."""
     if last_steps is not None and (isinstance(last_steps, bool) or not isinstance(last_steps, int)
                                    or last_steps < 0):
         raise FxpressError(f"last_steps must be a non-negative integer or None, got {last_steps!r}")
-    mixed = tuple(blend_embeddings(t, o, weight) for t, o in zip(tuned, original))
-    first = 0 if last_steps is None else max(spec.steps - last_steps, 0)
-    x = noise
-    for i, (t, prev) in enumerate(zip(spec.timesteps, spec.prev_timesteps)):
-        cond, uncond = mixed if i >= first else original
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x = ddim_step(spec, x, guided_output(spec, model, x, tt, cond, uncond), spec.alpha(t), spec.alpha(prev))
-    return x
+    cond, uncond = original if last_steps == 0 else tuple(blend_embeddings(t, o, weight)
+                                                          for t, o in zip(tuned, original))
+    return truncated_sample(spec, model, noise, cond, uncond, grad_steps=last_steps or None,
+                            frozen_cond=original[0], frozen_uncond=original[1], checkpoint=False)
