@@ -17,6 +17,7 @@ from fxpress.cli_bench import add_bench_parser
 from fxpress.cli_distill import add_distill_parser
 from fxpress.cli_export import add_export_parser
 from fxpress.cli_rewire import add_rewire_parsers
+from fxpress.cli_tune import add_tune_parsers
 from fxpress.errors import FxpressError, RecipeError
 from fxpress.output import quiet, set_quiet
 
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_parser(sub, console, _print_report)
     add_rewire_parsers(sub, console)
     add_export_parser(sub, console)
+    add_tune_parsers(sub, console)
     add_bench_parser(sub, console)
 
     p = sub.add_parser("profile", help="per-layer shapes, FLOPs and bytes of a zoo model")

@@ -82,6 +82,23 @@ def third_party_warnings_off() -> Iterator[None]:
 
 
 @contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """Within the block, transformers' and diffusers' own progress bars (e.g. "Writing model shards" while
+    `save_pretrained` writes) stay hidden; each is switched back on afterwards if it was on."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    switched = [m for m in (transformers_logging, diffusers_logging) if m.is_progress_bar_enabled()]
+    for module in switched:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.enable_progress_bar()
+
+
+@contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
     """Yield `advance(n=1, description=None)` driving a progress bar of `total` steps with an estimate."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

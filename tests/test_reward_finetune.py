@@ -86,5 +86,53 @@ def test_reward_finetune_says_what_is_missing_or_wrong():
         Pipeline([tune]).run(graph, PassContext(components={"denoiser": denoiser}))
     with pytest.raises(RecipeError, match="grad_steps"):
         RewardConfig(grad_steps=0).validate()
+    last_only = RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(steps=1, batch=2, grad_steps=1))
+    with pytest.raises(PassError, match="no gradient would reach"):  # DDIM's last step from t = 0 is the identity
+        Pipeline([last_only]).run(graph, PassContext(components={"denoiser": denoiser, "prompts": prompts}))
     with pytest.raises(RecipeError, match="unconditional"):
         PromptSet(prompts.input_ids, torch.ones(2, LENGTH, dtype=torch.long))
+
+
+def test_reward_finetune_of_a_denoiser_lora_moves_only_the_branch_and_raises_the_reward():
+    from fxpress.passes.rewire.fuse import merged_state_dict
+    from fxpress.passes.rewire.lora import InsertLoRA
+
+    _, prompts, spec, denoiser = setup()
+    text = encoder()
+    example = {"sample": torch.randn(2, 3, 8, 8), "timestep": torch.tensor([500, 900]),
+               "encoder_hidden_states": hidden_states(text, prompts.input_ids[:2])}
+    graph = fxpress.capture(denoiser, (), example)
+    rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
+    passes = [InsertLoRA(["conv", "cond"], rank=2, name="reward"),
+              RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(steps=12, batch=4, lr=3e-2, grad_steps=2),
+                             target="denoiser", branches=("reward",))]
+    text_before = {k: v.clone() for k, v in text.state_dict().items()}
+    tuned, report = Pipeline(passes).run(graph, PassContext(components={"text_encoder": text, "prompts": prompts}))
+    assert all(torch.equal(v, text_before[k]) for k, v in text.state_dict().items())
+    moved = {k for k, v in tuned.module.state_dict().items() if k in graph.module.state_dict()
+             and not torch.equal(v, graph.module.state_dict()[k])}
+    assert moved == set(), "only the LoRA factors may move"
+    # conv: A 3->2 channels (3x3), B 2->3 (1x1); cond: A 16->2, B 2->3
+    assert report.passes[-1].details["trained_params"] == 2 * 3 * 9 + 3 * 2 + 16 * 2 + 2 * 3
+    plain = TinyDenoiser()
+    plain.load_state_dict(merged_state_dict(tuned.module))  # the LoRA folded in, under the plain names
+    x = torch.randn(2, 3, 8, 8)
+    cond = hidden_states(text, prompts.input_ids[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, torch.tensor([1, 2]), cond),
+                                   tuned.module(sample=x, timestep=torch.tensor([1, 2]), encoder_hidden_states=cond))
+    assert brightness(text, plain, prompts, spec) > brightness(text, denoiser, prompts, spec) + 0.01
+
+
+def test_reward_finetune_refuses_branches_on_the_encoder_and_a_missing_text_encoder():
+    graph, prompts, spec, denoiser = setup()
+    rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
+    with pytest.raises(RecipeError, match="target='denoiser'"):
+        RewardFinetune(rewards, spec, (3, 8, 8), branches=("lora",))
+    with pytest.raises(RecipeError, match="target must be"):
+        RewardFinetune(rewards, spec, (3, 8, 8), target="vae")
+    example = {"sample": torch.randn(2, 3, 8, 8), "timestep": torch.tensor([500, 900]),
+               "encoder_hidden_states": torch.randn(2, LENGTH, WIDTH)}
+    tune = RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(steps=1, batch=2), target="denoiser")
+    with pytest.raises(PassError, match="text_encoder"):
+        Pipeline([tune]).run(fxpress.capture(denoiser, (), example), PassContext(components={"prompts": prompts}))

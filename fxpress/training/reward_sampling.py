@@ -27,6 +27,15 @@ def check_grad_steps(grad_steps: int | None, steps: int) -> int:
     return min(grad_steps, steps)
 
 
+def moving_steps(spec: SamplerSpec, grad_steps: int | None) -> int:
+    """Return how many of the last `grad_steps` steps depend on the denoiser's output. A DDIM step whose
+    previous alpha equals its own (diffusers' last step from t = 0 with set_alpha_to_one=False) returns its
+    input unchanged wherever x0 is not clipped, so gradients do not reach the model through it."""
+    k = check_grad_steps(grad_steps, spec.steps)
+    pairs = list(zip(spec.timesteps, spec.prev_timesteps))[spec.steps - k:]
+    return sum(1 for t, prev in pairs if spec.alpha(t) != spec.alpha(prev))
+
+
 def draw_grad_steps(generator: torch.Generator, most: int) -> int:
     """Return a K drawn uniformly from 1..`most` (AlignProp's random truncation)."""
     return int(torch.randint(1, most + 1, (1,), generator=generator))

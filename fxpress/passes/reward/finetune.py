@@ -1,16 +1,24 @@
-"""`RewardFinetune`: tune a text encoder on differentiable rewards through the sampler (TextCraftor).
+"""`RewardFinetune`: tune a text encoder or a denoiser on differentiable rewards through the sampler (TextCraftor).
 
-The Graph is the text encoder (input: token ids; output: hidden states). Each update draws prompts and
-seeded noise, encodes the prompts with the encoder being tuned and with the frozen original (the
-context's teacher), and samples with the frozen denoiser (`context.components["denoiser"]`): the early
-steps on the original's embeddings without gradients, the last K with the tuned embeddings and
-gradients (`training.reward_sampling`). The loss is −Σ wᵢ·mean(rᵢ) of the images (`WeightedRewards`);
-only the encoder's weights move, with the shared training loop (progress, resume, torchrun, EMA).
+target "encoder" (the default, TextCraftor proper): the Graph is the text encoder (input: token ids;
+output: hidden states). Each update draws prompts and seeded noise, encodes the prompts with the encoder
+being tuned and with the frozen original (the context's teacher), and samples with the frozen denoiser
+(`context.components["denoiser"]`): the early steps on the original's embeddings without gradients, the
+last K with the tuned embeddings and gradients (`training.reward_sampling`).
+
+target "denoiser": the Graph is the denoiser and the text encoder is frozen
+(`context.components["text_encoder"]`); every step samples with the denoiser being tuned, the last K
+with gradients. `branches` limits the trained weights to named branches (a LoRA from `InsertLoRA`);
+otherwise every floating-point weight trains. Encoder first, then the denoiser on the tuned encoder, is
+TextCraftor's advice (`fxpress.tune`).
+
+The loss is −Σ wᵢ·mean(rᵢ) of the images (`WeightedRewards`), on the shared training loop (progress,
+resume, torchrun, EMA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,37 +28,13 @@ from fxpress.ir.graph import Graph, output_tensors
 from fxpress.ir.sampler import SamplerSpec
 from fxpress.passes.base import PassResult
 from fxpress.passes.context import PassContext
+from fxpress.passes.rewire.branches import resolve_names
+from fxpress.passes.rewire.train import branch_parameters
 from fxpress.passes.training_pass import TrainingPass
 from fxpress.training.loop import EMA, step_generator
-from fxpress.training.reward_sampling import check_grad_steps, draw_grad_steps, truncated_sample
+from fxpress.training.prompt_set import PromptSet
+from fxpress.training.reward_sampling import check_grad_steps, draw_grad_steps, moving_steps, truncated_sample
 from fxpress.training.rewards import WeightedRewards
-
-
-@dataclass
-class PromptSet:
-    """Training prompts as token ids (N, L), what each asks for ({factor: (N,) class, −1 where unsaid})
-    and the unconditional prompt's ids (1, L)."""
-
-    input_ids: torch.Tensor
-    unconditional: torch.Tensor
-    targets: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.input_ids.dim() != 2 or self.unconditional.dim() != 2 or self.unconditional.shape[0] != 1 \
-                or self.unconditional.shape[1] != self.input_ids.shape[1]:
-            raise RecipeError(f"prompts: need ids (N, L) and unconditional ids (1, L), got "
-                              f"{tuple(self.input_ids.shape)} and {tuple(self.unconditional.shape)}")
-        bad = [k for k, v in self.targets.items() if v.shape != (self.input_ids.shape[0],)]
-        if bad:
-            raise RecipeError(f"prompts: targets {bad} need one value per prompt ({self.input_ids.shape[0]})")
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def draw(self, generator: torch.Generator, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return `size` prompts drawn with replacement: (ids, targets)."""
-        index = torch.randint(0, len(self), (size,), generator=generator)
-        return self.input_ids[index], {k: v[index] for k, v in self.targets.items()}
 
 
 @dataclass(frozen=True)
@@ -90,34 +74,61 @@ def hidden_states(encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return output_tensors(encoder(ids))[0]
 
 
-class RewardFinetune(TrainingPass):
-    """Tune the Graph's text encoder on `rewards` through `sampler` (see the module docstring).
+TARGETS = ("encoder", "denoiser")
 
-    `shape` is one image's (C, H, W) as the denoiser takes it. Needs `context.components["denoiser"]`
-    and `context.components["prompts"]` (a `PromptSet`); the teacher is the encoder before the pass.
+
+class RewardFinetune(TrainingPass):
+    """Tune the Graph (a text encoder, or with target="denoiser" a denoiser) on `rewards` through
+    `sampler` (see the module docstring).
+
+    `shape` is one image's (C, H, W) as the denoiser takes it. Needs `context.components["prompts"]` (a
+    `PromptSet`) and the frozen other half: `components["denoiser"]` when tuning the encoder (whose
+    teacher is the encoder before the pass), `components["text_encoder"]` when tuning the denoiser.
     """
 
     def __init__(self, rewards: WeightedRewards, sampler: SamplerSpec, shape: tuple[int, ...],
-                 config: RewardConfig | None = None):
+                 config: RewardConfig | None = None, target: str = "encoder", branches: tuple[str, ...] = ()):
+        if target not in TARGETS:
+            raise RecipeError(f"reward fine-tuning: target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if branches and target != "denoiser":
+            raise RecipeError("reward fine-tuning: branches are trained on the denoiser; set target='denoiser'")
         self.rewards, self.sampler, self.shape = rewards, sampler, tuple(int(s) for s in shape)
         self.config = (config or RewardConfig()).validate()
+        self.target, self.branches = target, tuple(branches)
+        self.needs_teacher = target == "encoder"  # the encoder's early steps use the original's embeddings
+
+    def _frozen_part(self, context: PassContext) -> nn.Module:
+        other = "denoiser" if self.target == "encoder" else "text_encoder"
+        module = context.components.get(other)
+        if not isinstance(module, nn.Module):
+            raise PassError(f"reward fine-tuning of the {self.target} samples with a frozen {other}: pass "
+                            f"components={{'{other}': model, 'prompts': PromptSet(...)}}", self.name)
+        return module
+
+    def _trained(self, graph: Graph) -> list[nn.Parameter]:
+        if self.branches:
+            return branch_parameters(graph, resolve_names(graph, self.branches, self.name))
+        return [p for p in graph.module.parameters() if p.is_floating_point()]
 
     def train(self, graph: Graph, context: PassContext) -> PassResult:
         cfg = self.config
-        denoiser = context.components.get("denoiser")
+        if not cfg.random_truncation and moving_steps(self.sampler, cfg.grad_steps) == 0:
+            raise RecipeError(f"reward fine-tuning: the last {cfg.grad_steps} sampler step(s) (timesteps "
+                              f"{list(self.sampler.timesteps[-cfg.grad_steps:])}) leave the sample as it is "
+                              "(their alpha equals the next one's), so no gradient would reach the model; give "
+                              "more grad_steps")
+        frozen_part = self._frozen_part(context)
         prompts = context.components.get("prompts")
-        if not isinstance(denoiser, nn.Module):
-            raise PassError("reward fine-tuning samples with a denoiser: pass components={'denoiser': model, "
-                            "'prompts': PromptSet(...)}", self.name)
         if not isinstance(prompts, PromptSet):
             raise PassError("reward fine-tuning needs components['prompts'], a PromptSet of token ids and "
                             "targets", self.name)
-        original = context.require_teacher(self.name)
-        encoder = graph.module
-        params = [p for p in encoder.parameters() if p.is_floating_point()]
+        tuning_encoder = self.target == "encoder"
+        original = context.require_teacher(self.name) if tuning_encoder else frozen_part
+        denoiser = frozen_part if tuning_encoder else None
+        params = self._trained(graph)
         tracked = nn.ParameterList(params)
         ema = EMA(tracked, cfg.ema) if cfg.ema is not None else None
-        denoiser.eval().requires_grad_(False)
+        frozen_part.eval().requires_grad_(False)
         self.rewards.eval().requires_grad_(False)
         last: dict[str, float] = {}
 
@@ -134,8 +145,12 @@ class RewardFinetune(TrainingPass):
                 both = torch.cat([ids, uncond_ids])  # one forward each (DDP wants one per update)
                 with torch.no_grad():
                     frozen, frozen_uncond = hidden_states(original, both).split([len(ids), 1])
-                cond, uncond = hidden_states(model, both).split([len(ids), 1])
-                images = truncated_sample(self.sampler, denoiser, noise, cond, uncond, grad_steps=k,
+                if tuning_encoder:
+                    cond, uncond = hidden_states(model, both).split([len(ids), 1])
+                    sampler_model = denoiser
+                else:
+                    cond, uncond, sampler_model = frozen, frozen_uncond, model
+                images = truncated_sample(self.sampler, sampler_model, noise, cond, uncond, grad_steps=k,
                                           frozen_cond=frozen, frozen_uncond=frozen_uncond,
                                           checkpoint=cfg.checkpoint)
                 loss, means = self.rewards.loss(images, targets)
@@ -143,12 +158,15 @@ class RewardFinetune(TrainingPass):
                 return loss
             return loss_fn
 
-        report = self.fit(context, encoder, make_loss, cfg.steps, [{"params": params, "lr": cfg.lr}],
-                          frozen=[original, denoiser, self.rewards], description="reward fine-tuning",
+        report = self.fit(context, graph.module, make_loss, cfg.steps, [{"params": params, "lr": cfg.lr}],
+                          frozen=[original, frozen_part, self.rewards],
+                          description=f"reward fine-tuning ({self.target})",
                           extra_modules={"ema": ema} if ema else None,
                           after_step=(lambda step: ema.update(tracked, step)) if ema else None)
         if ema is not None:
             ema.copy_to(tracked)
-        return PassResult(graph, True, {**report, "grad_steps": cfg.grad_steps,
+        return PassResult(graph, True, {**report, "target": self.target, "branches": list(self.branches),
+                                        "trained_params": sum(p.numel() for p in params),
+                                        "grad_steps": cfg.grad_steps,
                                         "random_truncation": cfg.random_truncation,
                                         "rewards_last_batch": dict(last), "weights": self.rewards.weights})

@@ -165,3 +165,26 @@ class UnfuseLoRA(_LoRAState):
             entry["fused"] = False
         new = recaptured(graph, graph.module, {})
         return PassResult(new, bool(names), {"unfused": names})
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return `model`'s weights with every float LoRA branch folded in, under the names the layers had before
+    `InsertLoRA` wrapped them (so the state loads into the unwrapped model class)."""
+    state = dict(model.state_dict())
+    for path, module in model.named_modules():
+        if not isinstance(module, LoRA):
+            continue
+        prefix = f"{path}." if path else ""
+        inner = prefix + "base_layer."
+        for key in [k for k in state if k.startswith(prefix)]:  # the branch's factors and scale go
+            value = state.pop(key)
+            if key.startswith(inner):
+                state[prefix + key[len(inner):]] = value
+        if not module.fused:
+            weight = getattr(module.base_layer, "weight", None)
+            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+                raise RecipeError(f"LoRA at {path!r} wraps a {type(module.base_layer).__name__}, not a float layer: "
+                                  "use FuseLoRA, which requantizes low-bit layers")
+            state[prefix + "weight"] = (weight.double() + module.delta_weight()).to(weight.dtype)
+    return state

@@ -1,0 +1,128 @@
+"""Reward fine-tuning on the testbeds: prompt splits, rewards per testbed, the tune recipe (encoder, then
+denoiser), the tuned folder, `fxpress tune` / `fxpress blend`, and one reward step under torchrun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fxpress.cli import main
+from fxpress.errors import FxpressError, RecipeError
+from fxpress.passes.reward.finetune import RewardConfig
+from fxpress.testbed.models import load_testbed
+from fxpress.testbed.tuned_folder import is_tuned_folder, load_tuned
+from fxpress.testbed.tuning import make_rewards, prompt_set, prompt_split, style_names
+from fxpress.tune import TuneRecipe, parse_rewards, tune
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_testbed("digits")
+
+
+def test_prompt_split_holds_out_every_third_prompt_and_names_every_factor(digits):
+    shapes = load_testbed("shapes")
+    for testbed, sizes in ((digits, (7, 3)), (shapes, (128, 64))):
+        train, held = prompt_split(testbed)
+        assert (len(train), len(held)) == sizes
+        assert not {c for c, _ in train} & {c for c, _ in held}
+        prompts = prompt_set(testbed, held)
+        assert set(prompts.targets) == set(testbed.spec.factors)
+        assert all(bool((v >= 0).all()) for v in prompts.targets.values())
+        assert prompts.input_ids.shape == (sizes[1], testbed.spec.max_length)
+    assert "a handwritten two" in {c for c, _ in prompt_split(digits)[1]}
+
+
+def test_rewards_are_chosen_per_testbed_and_named_when_wrong(digits):
+    assert set(style_names(digits)) == {"bright", "dark", "thick", "thin"}
+    with pytest.raises(FxpressError, match="no reward 'vivid'"):
+        make_rewards(digits, {"vivid": 1.0})
+    with pytest.raises(FxpressError, match="own classifier"):
+        make_rewards(digits, {"alignment": 1.0})
+    assert parse_rewards(["bright=0.5", "alignment"]) == (("bright", 0.5), ("alignment", 1.0))
+    with pytest.raises(RecipeError, match="NAME=WEIGHT"):
+        parse_rewards(["bright=lots"])
+    with pytest.raises(RecipeError, match="target"):
+        TuneRecipe(target="vae").validate()
+    with pytest.raises(RecipeError, match="lora_rank applies"):
+        TuneRecipe(lora_rank=4).validate()
+    with pytest.raises(RecipeError, match="named twice"):
+        TuneRecipe(rewards=(("thick", 1.0), ("thick", 2.0))).validate()
+
+
+def test_tune_encoder_then_denoiser_lora_leaves_the_input_and_keeps_the_classes(digits):
+    before = {part: {k: v.clone() for k, v in m.state_dict().items()} for part, m in digits.parts().items()}
+    recipe = TuneRecipe(rewards=(("thick", 1.0),), target="encoder+denoiser", lora_rank=2,
+                        train=RewardConfig(steps=2, batch=2, lr=1e-3, grad_steps=2))
+    result = tune(digits, recipe)
+    for part, module in digits.parts().items():
+        assert all(torch.equal(v, before[part][k]) for k, v in module.state_dict().items()), part
+    assert [r["stage"] for r in result.reports] == ["encoder", "denoiser"]
+    assert result.reports[1]["branches"] == ["reward"]
+    for part in ("text_encoder", "denoiser"):
+        tuned = getattr(result.testbed, part)
+        assert type(tuned) is type(getattr(digits, part))
+        assert set(tuned.state_dict()) == set(before[part])  # the LoRA is folded in
+        assert any(not torch.equal(v, before[part][k]) for k, v in tuned.state_dict().items()), part
+
+
+def test_cli_tune_writes_a_folder_that_loads_compresses_and_blends(tmp_path, capsys):
+    out = tmp_path / "thick"
+    assert main(["--quiet", "tune", "testbed-digits-unet", "--reward", "thick=1", "--steps", "2", "--batch", "2",
+                 "--grad-steps", "2", "--lr", "1e-3", "--eval-per-prompt", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "thick/eval" in printed.out and "accuracy" in printed.out
+    assert "Writing model shards" not in printed.err + printed.out
+    assert is_tuned_folder(out)
+    record = json.loads((out / "record.json").read_text())
+    assert record["rewards"] == {"thick": 1.0} and record["held_out"]["prompts"] == 3
+    tuned, original = load_tuned(out), load_testbed("digits")
+    moved = [k for k, v in tuned.text_encoder.state_dict().items()
+             if not torch.equal(v, original.text_encoder.state_dict()[k])]
+    assert moved and all(torch.equal(v, original.denoiser.state_dict()[k])
+                         for k, v in tuned.denoiser.state_dict().items())
+    assert main(["--quiet", "compress", str(out), "--component", "text_encoder", "--recipe", "uniform",
+                 "--target-bits", "4", "--out", str(tmp_path / "encoder4")]) == 0
+    for weight in (1.0, 0.0, 0.5):
+        blended = tmp_path / f"blend{weight}"
+        assert main(["--quiet", "blend", str(out), "digits", "--weight", str(weight), "--out", str(blended)]) == 0
+        got = load_tuned(blended).text_encoder.state_dict()
+        for key in moved:
+            a, b = tuned.text_encoder.state_dict()[key], original.text_encoder.state_dict()[key]
+            torch.testing.assert_close(got[key], torch.lerp(b, a, weight), rtol=0, atol=1e-7)
+
+
+def test_cli_tune_and_blend_refuse_bad_input_without_writing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["--quiet", "tune", "testbed-digits-unet", "--reward", "vivid=1", "--out", str(out)]) == 2
+    assert "no reward 'vivid'" in capsys.readouterr().err and not out.exists()
+    assert main(["--quiet", "tune", "sd15-unet", "--reward", "bright=1", "--out", str(out)]) == 2
+    assert "not a testbed model" in capsys.readouterr().err and not out.exists()
+    assert main(["--quiet", "tune", "digits", "--reward", "bright=1", "--grad-steps", "0", "--out", str(out)]) == 2
+    assert "--grad-steps" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["--quiet", "blend", "digits", "digits", "--weight", "0.5", "--out", str(busy), "--overwrite"]) == 2
+    assert "not a tuned testbed folder" in capsys.readouterr().err
+    assert (busy / "notes.txt").read_text() == "mine"
+    assert main(["--quiet", "blend", "digits", "shapes", "--weight", "0.5", "--out", str(out)]) == 2
+    assert "different testbeds" in capsys.readouterr().err and not out.exists()
+
+
+def test_one_reward_step_under_torchrun_matches_one_process(tmp_path):
+    from torchrun import one_and_two_processes
+
+    one, two = one_and_two_processes(["tune", "testbed-digits-unet", "--reward", "thick=1", "--steps", "1",
+                                      "--batch", "4", "--grad-steps", "2", "--lr", "1e-3",
+                                      "--eval-per-prompt", "0"], tmp_path)
+    record = json.loads((two / "record.json").read_text())
+    assert record["stages"][0]["world_size"] == 2
+    original = load_testbed("digits").text_encoder.state_dict()
+    a, b = load_tuned(one).text_encoder.state_dict(), load_tuned(two).text_encoder.state_dict()
+    diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a)
+    change = sum(float((a[k].double() - original[k].double()).square().sum()) for k in a)
+    print(f"relative L2 distance between the 1- and 2-process updates {(diff / change) ** 0.5:.2e}")
+    assert change > 0 and (diff / change) ** 0.5 <= 1e-4
