@@ -194,7 +194,7 @@ def run_testbed(args) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     began = time.perf_counter()
     testbed = load_testbed(args.testbed)
-    style, opposite = STYLES[args.testbed]
+    style, opposite = args.style or STYLES[args.testbed][0], args.opposite or STYLES[args.testbed][1]
     args.cache.mkdir(parents=True, exist_ok=True)
     classifier = reward_classifier(testbed, path=args.cache / f"{args.testbed}_reward_classifier.safetensors")
     train, held_prompts = prompt_split(testbed)
@@ -204,7 +204,7 @@ def run_testbed(args) -> None:
 
     def score(tb) -> dict[str, float]:
         out = evaluate_tuning(tb, scorer, held, n)
-        if tb is not testbed:  # also with the tuned encoder on the last K steps only (the steps it trained on)
+        if tb is not testbed and args.grad_steps:  # also with the tuned encoder on the last K steps only
             late = embedding_blend_eval(testbed, tb.text_encoder, scorer, held, n, 1.0, args.grad_steps, tb.denoiser)
             out.update({f"late {k}": v for k, v in late.items()})
         return out
@@ -216,7 +216,7 @@ def run_testbed(args) -> None:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "prompts": {"train": len(train), "held_out": len(held_prompts), "per_prompt": n},
               "base": score(testbed), "runs": {}, "seconds": {}}
-    out = RESULTS / f"textcraftor.{args.testbed}.json"
+    out = RESULTS / f"textcraftor.{args.testbed}{'.' + args.tag if args.tag else ''}.json"
 
     def save():
         out.write_text(json.dumps(record, indent=1))
@@ -306,30 +306,40 @@ def fmt(mean_sd: tuple[float, float], digits: int = 4) -> str:
     return f"{mean_sd[0]:.{digits}f} ± {mean_sd[1]:.{digits}f}"
 
 
-def combine(names: list[str], cache: Path) -> None:
+def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
     """Write textcraftor.md and textcraftor.png from the per-testbed records."""
     lines = ["# TextCraftor: reward fine-tuning of the text encoder (issue 22)", ""]
     plots = {}
     grids = {}
     for name in names:
         rec = json.loads((RESULTS / f"textcraftor.{name}.json").read_text())
+        for extra in sorted(RESULTS.glob(f"textcraftor.{name}.*.json")):  # tagged runs: rows and missing sections
+            more = json.loads(extra.read_text())
+            tag = extra.name.split(".")[2]
+            for label, rows in more["runs"].items():
+                rec["runs"][f"{label} ({tag}: {_changed(rec, more)})"] = rows
+            for section in ("k_runs", "memory", "interpolation"):
+                if section not in rec and section in more:
+                    rec[section] = more[section]
+                    rec.setdefault("sections_from", {})[section] = f"{tag}: {_changed(rec, more)}"
         style, opposite = rec["style"], rec["opposite"]
         base = rec["base"]
         s = rec["settings"]
         lines += [f"## {name}: style reward `{style}` (opposite `{opposite}`), constraint `alignment`", "",
                   f"{rec['prompts']['train']} training prompts, {rec['prompts']['held_out']} held-out prompts x "
                   f"{rec['prompts']['per_prompt']} fixed-seed samples; {s['steps']} updates of batch {s['batch']}, "
-                  f"lr {s['lr']}, K = {s['grad_steps']}, alignment weight {s['align_weight']}, training seeds "
+                  f"lr {s['lr']}, K = {s['grad_steps'] or 'all'}, alignment weight {s['align_weight']}, training seeds "
                   f"{s['seeds']}. Machine: {rec['machine']}.", "",
                   f"| model | {style} reward | {style} evaluator | alignment | accuracy |", "|---|---|---|---|---|",
                   f"| original | {base[style]:.4f} | {base[style + '/eval']:.4f} | {base['alignment']:.3f} | "
                   f"{base['accuracy']:.3f} |"]
-        for label in ("encoder", "no alignment", "enc -> den", "encoder 4-bit", "encoder 1.99-bit", "opposite"):
+        fixed = ["encoder", "no alignment", "enc -> den", "encoder 4-bit", "encoder 1.99-bit", "opposite"]
+        for label in fixed + [k for k in rec["runs"] if k not in fixed]:
             rows = rec["runs"].get(label)
             if not rows:
                 continue
             for mode in ("", "late "):
-                if mode + style not in rows[0]:
+                if mode + style not in rows[0] or (mode and not s["grad_steps"]):  # K = all: no "last K" mode
                     continue
                 cols = [summary([r[mode + k] for r in rows]) for k in (style, f"{style}/eval", "alignment", "accuracy")]
                 shown = label + (f" (tuned embeddings on the last {s['grad_steps']} steps only)" if mode else "")
@@ -342,18 +352,18 @@ def combine(names: list[str], cache: Path) -> None:
                       f"(σ_seed {sd:.4f}); evaluator change "
                       f"{summary([r[style + '/eval'] - base[style + '/eval'] for r in enc])[0]:+.4f}; accuracy "
                       f"change {-acc_drop * 100:+.1f} points."]
-        if "late " + style in enc[0]:
+        if "late " + style in enc[0] and s["grad_steps"]:
             late_gain = summary([r["late " + style] - base[style] for r in enc])
             late_sd = summary([r["late " + style] for r in enc])[1]
             late_acc = summary([r["late accuracy"] for r in enc])[0] - base["accuracy"]
             lines.append(f"With the tuned embeddings on the last {s['grad_steps']} steps only: gain "
                          f"{late_gain[0]:+.4f} = {late_gain[0] / late_sd if late_sd else float('inf'):.1f} σ_seed, "
                          f"accuracy change {late_acc * 100:+.1f} points.")
-        den = rec["runs"].get("enc -> den")
-        if den:
-            lines.append(f"Encoder then denoiser: gain {summary([r[style] - base[style] for r in den])[0]:+.4f}, "
-                         f"accuracy change {(summary([r['accuracy'] for r in den])[0] - base['accuracy']) * 100:+.1f} "
-                         "points.")
+        for label, den in rec["runs"].items():
+            if label.startswith("enc -> den"):
+                change = (summary([r["accuracy"] for r in den])[0] - base["accuracy"]) * 100
+                lines.append(f"{label}: gain {summary([r[style] - base[style] for r in den])[0]:+.4f}, accuracy "
+                             f"change {change:+.1f} points.")
         lines.append("")
         for label in ("4-bit", "1.99-bit"):
             rows = rec["runs"].get(f"encoder {label}")
@@ -366,7 +376,8 @@ def combine(names: list[str], cache: Path) -> None:
                          f"(per seed {', '.join(f'{k * 100:.0f}%' for k in kept)}); "
                          f"{statistics.fmean(kept_q) * 100:.0f}% against the original at the same bits")
         if "k_runs" in rec:
-            lines += ["", "K (sampler steps with gradients), seed 0:", "",
+            where = rec.get("sections_from", {}).get("k_runs")
+            lines += ["", f"K (sampler steps with gradients), seed 0{f' (run {where})' if where else ''}:", "",
                       "| K | gain | accuracy | peak memory, no checkpointing (MiB) | saved activations (MiB) | "
                       "peak memory, checkpointing (MiB) |", "|---|---|---|---|---|---|"]
             memory = {(str(m["grad_steps"]), m["checkpoint"]): m for m in rec.get("memory", [])}
@@ -380,7 +391,10 @@ def combine(names: list[str], cache: Path) -> None:
                     lines.append(f"| {k} | {run[style] - base[style]:+.4f} | {run['accuracy']:.3f} | {mem} |")
         if "interpolation" in rec:
             interp = rec["interpolation"]
-            lines += ["", f"Interpolation (seed 0; `{style}` reward and evaluator at w = {interp['weights']}):", "",
+            where = rec.get("sections_from", {}).get("interpolation")
+            run = f", run {where}" if where else ""
+            lines += ["", f"Interpolation (seed 0{run}; `{style}` reward and evaluator at w = {interp['weights']}):",
+                      "",
                       "| path | reward by w | evaluator by w | Spearman ρ (reward) | ρ (evaluator) |",
                       "|---|---|---|---|---|"]
             for path, rows in interp["curves"].items():
@@ -393,10 +407,19 @@ def combine(names: list[str], cache: Path) -> None:
         grid_file = cache / f"{name}_grid.pt"
         if grid_file.is_file():
             grids[name] = (torch.load(grid_file), rec["grid_prompts"])
+    if notes is not None:
+        lines += ["## Notes", "", notes.read_text().strip()]
     (RESULTS / "textcraftor.md").write_text("\n".join(lines) + "\n")
     _plot(plots, RESULTS / "textcraftor.png")
     for name, (panels, prompts) in grids.items():
-        (RESULTS / f"textcraftor_{name}_grid.png").write_bytes(grid_png(panels, 8, 4, labels=prompts))
+        (RESULTS / f"textcraftor_{name}_grid.png").write_bytes(grid_png(panels, len(prompts), 4, labels=prompts))
+
+
+def _changed(rec: dict, more: dict) -> str:
+    """The settings a tagged run changed against the main one."""
+    skip = {"tag", "sections", "seeds", "combine"}
+    return ", ".join(f"{k} {v}" for k, v in more["settings"].items()
+                     if k not in skip and rec["settings"].get(k) != v) or "same settings"
 
 
 def _plot(curves: dict, path: Path) -> None:
@@ -423,6 +446,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--testbed", choices=list(STYLES))
+    parser.add_argument("--style", default=None, help="the style reward (default: thick on digits, vivid on shapes)")
+    parser.add_argument("--opposite", default=None, help="its opposite, for interpolation (thin, muted)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
@@ -435,10 +460,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fxpress_textcraftor_cache"))
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="what to run besides the encoder tuning itself")
+    parser.add_argument("--tag", default="", help="write textcraftor.<testbed>.<tag>.json: a further run whose "
+                                                   "rows --combine adds to the testbed's table")
     parser.add_argument("--combine", nargs="+", default=None)
+    parser.add_argument("--notes", type=Path, default=None, help="with --combine: markdown appended to the tables")
     args = parser.parse_args()
     if args.combine:
-        combine(args.combine, args.cache)
+        combine(args.combine, args.cache, args.notes)
     elif args.testbed:
         run_testbed(args)
     else:

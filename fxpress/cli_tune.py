@@ -119,14 +119,15 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
     train_prompts, held = prompt_split(testbed)
     held_set = prompt_set(testbed, held)
     per_prompt = args.eval_per_prompt
-    before = evaluate_tuning(testbed, rewards, held_set, per_prompt) if per_prompt else None
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first process reports and writes
+    before = evaluate_tuning(testbed, rewards, held_set, per_prompt) if per_prompt and main_rank else None
     checkpoints = Path(f"{args.out}.checkpoints")
     if args.resume and not checkpoints.is_dir():
         raise FxpressError(f"--resume: no checkpoints at {checkpoints} (a run with the same --out writes them)")
     start = time.perf_counter()
     result = tune(testbed, recipe, classifier=classifier, prompts=prompt_set(testbed, train_prompts),
                   checkpoint_dir=checkpoints, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not main_rank:
         return 0
     after = evaluate_tuning(result.testbed, rewards, held_set, per_prompt) if per_prompt else None
     record = {"tuned_from": args.model, "testbed": testbed.spec.name, "rewards": dict(recipe.rewards),

@@ -132,8 +132,7 @@ def tune(testbed: Testbed, recipe: TuneRecipe, *, classifier: FactorClassifier |
             components = {"text_encoder": encoder, "prompts": prompts}
         context = PassContext(components=components, checkpoint_dir=folder, resume=resume)
         tuned, report = Pipeline(passes).run(graph, context)
-        details = {k: v for k, v in report.passes[-1].details.items()}
-        reports.append({"stage": stage, **details})
+        reports.append({"stage": stage, **report.passes[-1].details})
         if stage == "encoder":
             encoder = tuned.module
         else:

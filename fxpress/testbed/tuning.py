@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxpress.errors import FxpressError
+from fxpress.ir.graph import output_tensors
 from fxpress.ir.sampler import SamplerSpec, sample
 from fxpress.testbed.classifier import FactorClassifier
 from fxpress.testbed.models import Testbed
@@ -122,6 +123,12 @@ def make_rewards(testbed: Testbed, weights: dict[str, float],
     return WeightedRewards(chosen)
 
 
+def encode_ids(encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Return a text encoder's hidden states for token ids (its first output tensor: a transformers model's
+    last_hidden_state, or a compressed graph's first output)."""
+    return output_tensors(encoder(ids))[0]
+
+
 @torch.no_grad()
 def generate(testbed: Testbed, prompts: PromptSet, per_prompt: int, seed: int = 0,
              spec: SamplerSpec | None = None, batch: int = 128) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -132,10 +139,10 @@ def generate(testbed: Testbed, prompts: PromptSet, per_prompt: int, seed: int = 
     targets = {k: v.repeat_interleave(per_prompt, 0) for k, v in prompts.targets.items()}
     shape = (testbed.spec.channels, testbed.spec.resolution, testbed.spec.resolution)
     noise = seeded_noise(len(ids), shape, seed)
-    uncond = testbed.text_encoder(prompts.unconditional).last_hidden_state
+    uncond = encode_ids(testbed.text_encoder, prompts.unconditional)
     out = []
     for lo in range(0, len(ids), batch):
-        cond = testbed.text_encoder(ids[lo:lo + batch]).last_hidden_state
+        cond = encode_ids(testbed.text_encoder, ids[lo:lo + batch])
         out.append(sample(spec, testbed.denoiser, noise[lo:lo + batch], cond, uncond))
     return torch.cat(out).clamp(-1, 1), targets
 
@@ -166,5 +173,5 @@ def sample_accuracy(testbed: Testbed, images: torch.Tensor, targets: dict[str, t
     return float(right.float().mean())
 
 
-__all__ = ["all_prompts", "evaluate_tuning", "generate", "make_rewards", "prompt_set", "prompt_split",
+__all__ = ["all_prompts", "encode_ids", "evaluate_tuning", "generate", "make_rewards", "prompt_set", "prompt_split",
            "reward_classifier", "sample_accuracy", "sampler_spec", "style_names"]

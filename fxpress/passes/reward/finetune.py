@@ -39,7 +39,7 @@ from fxpress.training.rewards import WeightedRewards
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """How the encoder tunes: steps, global batch, learning rate, K = sampler steps with gradients (None:
+    """How the model tunes: steps, global batch, learning rate, K = sampler steps with gradients (None:
     all), `random_truncation` (K drawn from 1..K per update, AlignProp), checkpointing, EMA decay (None:
     off) and the seed of prompts and noise."""
 
