@@ -428,9 +428,10 @@ def _plot(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    testbeds = list(dict.fromkeys(label.split(":")[0] for label in curves))
+    fig, axes = plt.subplots(1, len(testbeds), figsize=(5.5 * len(testbeds), 4), squeeze=False)
     for label, (ws, ys, style) in curves.items():
-        ax = axes[0] if label.startswith("digits") else axes[1]
+        ax = axes[0][testbeds.index(label.split(":")[0])]
         ax.plot(ws, ys, marker="o", label=label.split(": ", 1)[1])
         ax.set_title(f"{label.split(':')[0]}: {style} reward vs w")
         ax.set_xlabel("w (1 = tuned)")
