@@ -41,12 +41,11 @@ import torch  # noqa: E402
 
 from fxpress.api import compress  # noqa: E402
 from fxpress.errors import FxpressError  # noqa: E402
-from fxpress.passes.reward.finetune import RewardConfig, hidden_states  # noqa: E402
+from fxpress.passes.reward.finetune import RewardConfig  # noqa: E402
 from fxpress.testbed.grid import grid_png  # noqa: E402
 from fxpress.testbed.models import Testbed, load_testbed  # noqa: E402
 from fxpress.testbed.sampling import seeded_noise  # noqa: E402
 from fxpress.testbed.tuning import (  # noqa: E402
-    encode_ids,
     evaluate_tuning,
     generate,
     make_rewards,
@@ -56,6 +55,7 @@ from fxpress.testbed.tuning import (  # noqa: E402
     sampler_spec,
 )
 from fxpress.training.blend import blend_weights, blended_sample  # noqa: E402
+from fxpress.training.prompt_set import encode_ids  # noqa: E402
 from fxpress.training.reward_sampling import truncated_sample  # noqa: E402
 from fxpress.tune import TuneRecipe, tune  # noqa: E402
 
@@ -142,8 +142,8 @@ def memory_child(testbed_name: str, grad_steps: int, checkpoint: bool, batch: in
     shape = (testbed.spec.channels, testbed.spec.resolution, testbed.spec.resolution)
     noise = seeded_noise(batch, shape, 0)
     with torch.no_grad():  # warm-up: allocator pools and lazy initialisation outside the measured step
-        truncated_sample(spec, testbed.denoiser, noise, hidden_states(encoder, ids),
-                         hidden_states(encoder, prompts.unconditional), grad_steps=None)
+        truncated_sample(spec, testbed.denoiser, noise, encode_ids(encoder, ids),
+                         encode_ids(encoder, prompts.unconditional), grad_steps=None)
     saved = [0]
 
     def pack(t):
@@ -153,7 +153,7 @@ def memory_child(testbed_name: str, grad_steps: int, checkpoint: bool, batch: in
     Path("/proc/self/clear_refs").write_text("5")  # the peak resident set (VmHWM) restarts from here
     before = _status_kib("VmRSS")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        both = hidden_states(encoder, torch.cat([ids, prompts.unconditional]))
+        both = encode_ids(encoder, torch.cat([ids, prompts.unconditional]))
         cond, uncond = both.split([batch, 1])
         images = truncated_sample(spec, testbed.denoiser, noise, cond, uncond, grad_steps=grad_steps or None,
                                   checkpoint=checkpoint)

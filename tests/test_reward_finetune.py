@@ -13,8 +13,9 @@ from fxpress.errors import PassError, RecipeError
 from fxpress.ir.sampler import SamplerSpec, sample
 from fxpress.passes.context import PassContext
 from fxpress.passes.pipeline import Pipeline
-from fxpress.passes.reward.finetune import PromptSet, RewardConfig, RewardFinetune, hidden_states
+from fxpress.passes.reward.finetune import PromptSet, RewardConfig, RewardFinetune
 from fxpress.testbed.sampling import schedule
+from fxpress.training.prompt_set import encode_ids
 from fxpress.training.rewards import Brightness, WeightedRewards
 
 WIDTH, LENGTH = 16, 4
@@ -53,8 +54,8 @@ def setup():
 def brightness(text: nn.Module, denoiser: nn.Module, prompts: PromptSet, spec: SamplerSpec) -> float:
     noise = torch.randn(len(prompts), 3, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        images = sample(spec, denoiser, noise, hidden_states(text, prompts.input_ids),
-                        hidden_states(text, prompts.unconditional))
+        images = sample(spec, denoiser, noise, encode_ids(text, prompts.input_ids),
+                        encode_ids(text, prompts.unconditional))
     return float(Brightness(1.0)(images).mean())
 
 
@@ -100,7 +101,7 @@ def test_reward_finetune_of_a_denoiser_lora_moves_only_the_branch_and_raises_the
     _, prompts, spec, denoiser = setup()
     text = encoder()
     example = {"sample": torch.randn(2, 3, 8, 8), "timestep": torch.tensor([500, 900]),
-               "encoder_hidden_states": hidden_states(text, prompts.input_ids[:2])}
+               "encoder_hidden_states": encode_ids(text, prompts.input_ids[:2])}
     graph = fxpress.capture(denoiser, (), example)
     rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
     passes = [InsertLoRA(["conv", "cond"], rank=2, name="reward"),
@@ -117,7 +118,7 @@ def test_reward_finetune_of_a_denoiser_lora_moves_only_the_branch_and_raises_the
     plain = TinyDenoiser()
     plain.load_state_dict(merged_state_dict(tuned.module))  # the LoRA folded in, under the plain names
     x = torch.randn(2, 3, 8, 8)
-    cond = hidden_states(text, prompts.input_ids[:2])
+    cond = encode_ids(text, prompts.input_ids[:2])
     with torch.no_grad():
         torch.testing.assert_close(plain(x, torch.tensor([1, 2]), cond),
                                    tuned.module(sample=x, timestep=torch.tensor([1, 2]), encoder_hidden_states=cond))

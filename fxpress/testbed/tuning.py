@@ -16,12 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fxpress.errors import FxpressError
-from fxpress.ir.graph import output_tensors
 from fxpress.ir.sampler import SamplerSpec, sample
 from fxpress.testbed.classifier import FactorClassifier
 from fxpress.testbed.models import Testbed
 from fxpress.testbed.sampling import schedule, seeded_noise
-from fxpress.training.prompt_set import PromptSet
+from fxpress.training.prompt_set import PromptSet, encode_ids
 from fxpress.training.rewards import STYLE_REWARDS, AlignmentReward, WeightedRewards, style_reward
 
 HELD_OUT_EVERY = 3  # prompt i is held out when i % 3 == 2
@@ -123,12 +122,6 @@ def make_rewards(testbed: Testbed, weights: dict[str, float],
     return WeightedRewards(chosen)
 
 
-def encode_ids(encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Return a text encoder's hidden states for token ids (its first output tensor: a transformers model's
-    last_hidden_state, or a compressed graph's first output)."""
-    return output_tensors(encoder(ids))[0]
-
-
 @torch.no_grad()
 def generate(testbed: Testbed, prompts: PromptSet, per_prompt: int, seed: int = 0,
              spec: SamplerSpec | None = None, batch: int = 128) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -173,5 +166,5 @@ def sample_accuracy(testbed: Testbed, images: torch.Tensor, targets: dict[str, t
     return float(right.float().mean())
 
 
-__all__ = ["all_prompts", "encode_ids", "evaluate_tuning", "generate", "make_rewards", "prompt_set", "prompt_split",
+__all__ = ["all_prompts", "evaluate_tuning", "generate", "make_rewards", "prompt_set", "prompt_split",
            "reward_classifier", "sample_accuracy", "sampler_spec", "style_names"]

@@ -1,4 +1,5 @@
-"""Prompts for training on generated images: token ids, the unconditional prompt and what each prompt asks for."""
+"""Prompts for training on generated images: token ids, the unconditional prompt and what each prompt asks for,
+and `encode_ids`, the text encoder call every reward-tuning piece shares."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fxpress.errors import RecipeError
+from fxpress.ir.graph import output_tensors
 
 
 @dataclass
@@ -34,3 +36,9 @@ class PromptSet:
         """Return `size` prompts drawn with replacement: (ids, targets)."""
         index = torch.randint(0, len(self), (size,), generator=generator)
         return self.input_ids[index], {k: v[index] for k, v in self.targets.items()}
+
+
+def encode_ids(encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Return a text encoder's hidden states (N, L, width) for token ids: its first output tensor (a
+    transformers model's last_hidden_state, or a compressed graph's first output)."""
+    return output_tensors(encoder(ids))[0]

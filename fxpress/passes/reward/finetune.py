@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxpress.errors import FxpressError, PassError, RecipeError
-from fxpress.ir.graph import Graph, output_tensors
+from fxpress.ir.graph import Graph
 from fxpress.ir.sampler import SamplerSpec
 from fxpress.passes.base import PassResult
 from fxpress.passes.context import PassContext
@@ -32,7 +32,7 @@ from fxpress.passes.rewire.branches import resolve_names
 from fxpress.passes.rewire.train import branch_parameters
 from fxpress.passes.training_pass import TrainingPass
 from fxpress.training.loop import EMA, step_generator
-from fxpress.training.prompt_set import PromptSet
+from fxpress.training.prompt_set import PromptSet, encode_ids
 from fxpress.training.reward_sampling import check_grad_steps, draw_grad_steps, moving_steps, truncated_sample
 from fxpress.training.rewards import WeightedRewards
 
@@ -68,10 +68,6 @@ class RewardConfig:
             raise RecipeError(f"reward fine-tuning: ema must be a decay in (0, 1) or None, got {self.ema!r}")
         return self
 
-
-def hidden_states(encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Return a text encoder's hidden states (N, L, width) for token ids (its first output tensor)."""
-    return output_tensors(encoder(ids))[0]
 
 
 TARGETS = ("encoder", "denoiser")
@@ -144,9 +140,9 @@ class RewardFinetune(TrainingPass):
                 uncond_ids = prompts.unconditional.to(ctx.device)
                 both = torch.cat([ids, uncond_ids])  # one forward each (DDP wants one per update)
                 with torch.no_grad():
-                    frozen, frozen_uncond = hidden_states(original, both).split([len(ids), 1])
+                    frozen, frozen_uncond = encode_ids(original, both).split([len(ids), 1])
                 if tuning_encoder:
-                    cond, uncond = hidden_states(model, both).split([len(ids), 1])
+                    cond, uncond = encode_ids(model, both).split([len(ids), 1])
                     sampler_model = denoiser
                 else:
                     cond, uncond, sampler_model = frozen, frozen_uncond, model
