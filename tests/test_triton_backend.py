@@ -83,6 +83,36 @@ def test_unsupported_layer_warns_by_name_and_keeps_reference():
         assert torch.allclose(model(x.to(DEVICE)).cpu(), expected, atol=1e-5)
 
 
+@needs_kernels
+def test_output_major_layout_is_stored_once_at_lowering_and_runs_the_small_m_kernel(monkeypatch):
+    from fxpress.kernels import triton_dispatch
+    from fxpress.kernels.packing import is_output_major
+
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Sequential(LowBitLinear(torch.randint(-2, 2, (24, 64), generator=gen), torch.rand(24), None, -2, 4),
+                          LowBitLinear(torch.randint(-1, 2, (8, 24), generator=gen), torch.rand(8), None, -1, 3))
+    x = torch.randn(3, 64, generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(LoweringError, match="unknown weight layout"):
+        triton_backend.lower(model, device=DEVICE, weight_layout="n-major")
+    assert model[0].kernels == "reference"
+    monkeypatch.setattr(triton_dispatch, "linear_candidates",
+                        lambda *args: [tuning.Choice("small_m", KernelConfig(16, 16, 32, 2))])
+    tuning.TUNER.forget()
+    try:
+        triton_backend.lower(model, device=DEVICE, weight_layout="output-major")
+        assert all(is_output_major(m.packed) for m in model)
+        with torch.no_grad():
+            out = model(x.to(DEVICE))
+        assert tuning.TUNER.last[1].path == "small_m"
+    finally:
+        tuning.TUNER.forget()
+    assert torch.allclose(out.cpu(), expected, atol=1e-5)
+    triton_backend.unlower(model)
+    assert all(m.packed.is_contiguous() for m in model)
+
+
 def test_lower_refuses_impossible_targets_before_touching_the_model():
     plain = nn.Linear(4, 4)
     if not torch.cuda.is_available():

@@ -11,10 +11,10 @@ import torch
 
 from fxpress.kernels import ops
 from fxpress.kernels.kernel_config import KernelConfig, interpreting
-from fxpress.kernels.packing import pack_words
+from fxpress.kernels.packing import is_output_major, output_major, pack_words, unpack_words
 
 triton_conv = pytest.importorskip("fxpress.kernels.triton_conv")
-from fxpress.kernels import triton_dequant, triton_dispatch, triton_gemv, triton_matmul  # noqa: E402
+from fxpress.kernels import triton_dequant, triton_dispatch, triton_gemv, triton_matmul, triton_small_m  # noqa: E402
 
 if interpreting():
     DEVICE = "cpu"
@@ -74,6 +74,38 @@ def test_gemv_matches_reference(width, m, split, groups):
         y = triton_gemv.lowbit_gemv(x.to(dtype), packed, scale, bias, width, offset, 75,
                                     KernelConfig(1, 32, 32, split))
         _close(y, ops.linear_reference(x, packed, scale, bias, width, offset, 75), rtol)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("m, k, groups, config", [
+    (1, 256, 0, KernelConfig(16, 32, 64, 2)),    # one row, split-K
+    (7, 256, 4, KernelConfig(16, 16, 64, 1)),    # groups of 64 = one tile: scaled once per output per tile
+    (16, 75, 5, KernelConfig(16, 32, 32, 3)),    # 16 rows, odd K, groups of 15: each weight scaled
+])
+def test_small_m_matches_reference_in_both_layouts(width, m, k, groups, config):
+    gen = torch.Generator().manual_seed(width * 100 + m)
+    packed, scale, bias, offset = _layer(gen, 40, k, width, groups)
+    x = torch.randn(m, k, generator=gen).to(DEVICE)
+    ref = ops.linear_reference(x, packed, scale, bias, width, offset, k)
+    for words in (packed, output_major(packed)):
+        for dtype, rtol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+            y = triton_small_m.lowbit_small_m(x.to(dtype), words, scale, bias, width, offset, k, config)
+            assert y.dtype == dtype and y.shape == (m, 40)
+            _close(y, ref, rtol)
+
+
+def test_small_m_refuses_what_it_cannot_run_and_output_major_keeps_the_codes():
+    gen = torch.Generator().manual_seed(3)
+    packed, scale, bias, offset = _layer(gen, 8, 70, 3, 0)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        triton_small_m.lowbit_small_m(torch.zeros(17, 70, device=DEVICE), packed, scale, bias, 3, offset, 70,
+                                      KernelConfig(16, 16, 32))
+    with pytest.raises(ValueError, match="block_k"):
+        triton_small_m.lowbit_small_m(torch.zeros(2, 70, device=DEVICE), packed, scale, bias, 3, offset, 70,
+                                      KernelConfig(16, 16, 16))
+    transposed = output_major(packed)
+    assert is_output_major(transposed) and not is_output_major(packed) and torch.equal(transposed, packed)
+    assert torch.equal(unpack_words(transposed, 3, 70), unpack_words(packed, 3, 70))
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2), (torch.float32, 1e-5)])
@@ -157,7 +189,12 @@ def test_candidate_lists_per_regime(monkeypatch):
     """Few rows try the GEMV and split-K, many rows lead with dequant + cuBLAS; unfusable work goes to dequant."""
     monkeypatch.setattr(triton_dispatch, "interpreting", lambda: False)
     small = triton_dispatch.linear_candidates(1, 4096, 4096, sms=132, fused=True)
-    assert small[0].path == "fused" and {c.path for c in small} == {"fused", "gemv"}
+    assert small[0].path == "fused" and {c.path for c in small} == {"fused", "gemv", "small_m"}
+    transposed = [c.config for c in small if c.path == "small_m"]
+    assert max(-(-4096 // c.block_n) * c.split_k for c in transposed) >= 132  # every multiprocessor streams
+    assert "small_m" in {c.path for c in triton_dispatch.linear_candidates(16, 1152, 4608, sms=132, fused=True)}
+    assert "small_m" not in {c.path for c in triton_dispatch.linear_candidates(17, 1152, 4608, 132, True)}
+    assert "small_m" in {c.path for c in triton_dispatch.conv_candidates(16, 320, 2880, True, sms=132)}
     assert any(c.config.split_k > 1 for c in small) and any(c.config.split_k == 1 for c in small)
     assert triton_dispatch.linear_candidates(4096, 4096, 4096, sms=132, fused=True)[0].path == "dequant"
     assert [c.path for c in triton_dispatch.linear_candidates(8, 64, 64, 132, fused=False)] == ["dequant"]
@@ -179,3 +216,29 @@ def test_dispatch_runs_the_gemv_choice(monkeypatch):
     finally:
         TUNER.forget()
     _close(y, ops.linear_reference(x, packed, scale, bias, 3, offset, 50), 1e-5)
+
+
+def test_dispatch_runs_the_small_m_choice_for_linear_and_conv(monkeypatch):
+    from fxpress.kernels.tuning import TUNER, Choice
+
+    gen = torch.Generator().manual_seed(6)
+    choice = [Choice("small_m", KernelConfig(16, 16, 32, 2))]
+    monkeypatch.setattr(triton_dispatch, "linear_candidates", lambda *args: choice)
+    monkeypatch.setattr(triton_dispatch, "conv_candidates", lambda *args: choice)
+    packed, scale, bias, offset = _layer(gen, 24, 50, 2, 0)
+    x = torch.randn(2, 3, 50, generator=gen).to(DEVICE)
+    cw = torch.randint(0, 16, (12, 6 * 9), generator=gen)
+    cpacked, cscale = pack_words(cw, 4).to(DEVICE), (torch.rand(12, generator=gen) + 0.1).to(DEVICE)
+    small = torch.randn(2, 6, 4, 4, generator=gen).to(DEVICE)  # 3x3, stride 2, pad 1: 2 x 2 x 2 = 8 pixels
+    TUNER.forget()
+    try:
+        y = triton_dispatch.linear(x, packed, scale, bias, 2, offset, 50)
+        assert TUNER.last[1].path == "small_m"
+        conv = triton_dispatch.conv2d(small, cpacked, cscale, None, 4, 7, [12, 6, 3, 3], [2, 2], [1, 1], [1, 1], 1)
+        assert TUNER.last[1].path == "small_m"
+    finally:
+        TUNER.forget()
+    _close(y, ops.linear_reference(x, packed, scale, bias, 2, offset, 50), 1e-5)
+    ref = ops.conv2d_reference(small, cpacked, cscale, None, 4, 7, [12, 6, 3, 3], [2, 2], [1, 1], [1, 1], 1)
+    assert conv.shape == ref.shape == (2, 12, 2, 2)
+    _close(conv, ref, 1e-5)

@@ -21,8 +21,10 @@ from fxpress.errors import LoweringError, LoweringWarning
 from fxpress.kernels import ops
 from fxpress.kernels.kernel_config import interpreting
 from fxpress.kernels.lowbit_layers import LowBitConv2d, LowBitLinear
+from fxpress.kernels.packing import output_major
 
 MAX_WIDTH = 16
+WEIGHT_LAYOUTS = ("k-major", "output-major")
 
 
 def _kernels():
@@ -70,15 +72,19 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 def lower(target: Any, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
-          model: Any = None) -> nn.Module:
+          model: Any = None, weight_layout: str = "k-major") -> nn.Module:
     """Return the compressed model on `device`, its low-bit layers running the Triton kernels.
 
     `target` is an artifact directory (loaded first; `model=` as in fxpress.load), a Graph, a
     CompressResult or a module; modules are lowered in place, like `.to()`. `dtype` casts the
     floating-point weights and so the activations (e.g. torch.float16). Layers the kernels do not
-    cover keep the torch reference, each with a LoweringWarning that names it. Only this model's
-    layers change kernels; `unlower(module)` sets them back to the reference.
+    cover keep the torch reference, each with a LoweringWarning that names it. `weight_layout`
+    'output-major' stores each output's packed words contiguously (packing.output_major: wide loads
+    for the small-M kernel), once, here. Only this model's layers change kernels; `unlower(module)`
+    sets them back to the reference (and the words back to the k-major layout).
     """
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise LoweringError(f"unknown weight layout {weight_layout!r}; known: {', '.join(WEIGHT_LAYOUTS)}")
     dev = torch.device(device)
     _check_device(dev)
     module = as_module(target, model)
@@ -91,6 +97,8 @@ def lower(target: Any, device: str | torch.device = "cuda", dtype: torch.dtype |
     for path, layer in layers:
         layer.fallback = reasons[path]
         layer.kernels = ops.REFERENCE if reasons[path] else triton_ops.NAME
+        if weight_layout == "output-major" and not reasons[path]:
+            layer.packed = output_major(layer.packed)
         if reasons[path]:
             warnings.warn(f"layer {path!r} keeps the torch reference path: {reasons[path]}", LoweringWarning,
                           stacklevel=2)
@@ -102,4 +110,5 @@ def unlower(module: nn.Module) -> nn.Module:
     for layer in module.modules():
         if isinstance(layer, (LowBitLinear, LowBitConv2d)):
             layer.kernels, layer.fallback = ops.REFERENCE, None
+            layer.packed = layer.packed.contiguous()
     return module

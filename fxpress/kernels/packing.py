@@ -125,3 +125,15 @@ def unpack_words(words: torch.Tensor, width: int, cols: int) -> torch.Tensor:
         codes |= fields.reshape(-1, words.shape[1])[:cols].t() << shift
         row, shift = row + n, shift + bits
     return codes.to(torch.int32)
+
+
+def output_major(words: torch.Tensor) -> torch.Tensor:
+    """Return pack_words' (packed_rows, rows) words stored output-major: the same values and shape, each
+    output's words contiguous (strides (1, packed_rows)), so a kernel reading one output's run of inputs
+    loads them as wide vectors."""
+    return words.t().contiguous().t()
+
+
+def is_output_major(words: torch.Tensor) -> bool:
+    """True when `words` is stored output-major (see output_major)."""
+    return words.dim() == 2 and words.stride(0) == 1 and (words.shape[1] == 1 or words.stride(1) == words.shape[0])
