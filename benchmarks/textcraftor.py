@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from fxpress.api import compress  # noqa: E402
 from fxpress.errors import FxpressError  # noqa: E402
 from fxpress.passes.reward.finetune import RewardConfig  # noqa: E402
+from fxpress.testbed.classifier import FactorClassifier  # noqa: E402
 from fxpress.testbed.grid import grid_png  # noqa: E402
 from fxpress.testbed.models import Testbed, load_testbed  # noqa: E402
 from fxpress.testbed.sampling import seeded_noise  # noqa: E402
@@ -136,7 +137,9 @@ def memory_child(testbed_name: str, grad_steps: int, checkpoint: bool, batch: in
     testbed = load_testbed(testbed_name)
     spec = sampler_spec(testbed)
     prompts = prompt_set(testbed, prompt_split(testbed)[0])
-    rewards = make_rewards(testbed, {style: 1.0})
+    tb = testbed.spec  # a classifier-read style needs a classifier; its weights do not change the memory
+    reader = FactorClassifier(tb.channels, tb.resolution, tb.factors, angles=tb.angles)
+    rewards = make_rewards(testbed, {style: 1.0}, reader)
     encoder = testbed.text_encoder.train().requires_grad_(True)
     ids = prompts.input_ids[torch.arange(batch) % len(prompts)]
     shape = (testbed.spec.channels, testbed.spec.resolution, testbed.spec.resolution)

@@ -22,7 +22,7 @@ def add_tune_parsers(sub, console: Console) -> None:
                                  "`fxpress tune` / `fxpress blend`")
     t.add_argument("--reward", action="append", required=True, metavar="NAME=WEIGHT",
                    help="a reward and its weight (repeatable): alignment, bright, dark, vivid, muted (colour), thick, "
-                        "thin (strokes)")
+                        "thin (strokes), upright, tilted (a rotation the classifier reads)")
     t.add_argument("--target", default="encoder", choices=("encoder", "denoiser", "encoder+denoiser"),
                    help="what trains: the text encoder (TextCraftor), the denoiser, or the encoder then the denoiser")
     t.add_argument("--grad-steps", default="5", metavar="K",
@@ -98,7 +98,14 @@ def tune_recipe(args: argparse.Namespace):
 def run_tune(args: argparse.Namespace, console: Console) -> int:
     """Tune as `args` say and write the folder; raises an FxpressError subclass on bad input."""
     from fxpress.testbed.tuned_folder import check_tuned_out, save_tuned
-    from fxpress.testbed.tuning import evaluate_tuning, make_rewards, prompt_set, prompt_split, reward_classifier
+    from fxpress.testbed.tuning import (
+        CLASSIFIER_REWARDS,
+        evaluate_tuning,
+        make_rewards,
+        prompt_set,
+        prompt_split,
+        reward_classifier,
+    )
     from fxpress.tune import tune
 
     check_tuned_out(args.out, args.overwrite)
@@ -107,13 +114,12 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
         raise RecipeError(f"--eval-per-prompt must be 0 or more, got {args.eval_per_prompt}")
     testbed = open_testbed(args.model)
     classifier = None
-    if any(name == "alignment" for name, _ in recipe.rewards):
+    if any(name in CLASSIFIER_REWARDS for name, _ in recipe.rewards):
         saved = Path(args.model) / "reward_classifier.safetensors"
         if saved.is_file():
             classifier = reward_classifier(testbed, path=saved)
         else:
-            console.print("training the alignment reward's own classifier (seed 1; the testbed's classifier "
-                          "judges it)")
+            console.print("training the rewards' own classifier (seed 1; the testbed's classifier judges it)")
             classifier = reward_classifier(testbed)
     rewards = make_rewards(testbed, dict(recipe.rewards), classifier)
     train_prompts, held = prompt_split(testbed)

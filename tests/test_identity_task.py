@@ -91,6 +91,12 @@ def test_pose_maps_hold_the_pose_and_nothing_of_the_identity():
     assert float((maps[0] - maps[2]).abs().max()) > 1.5
     lit = identity.lit(images)
     assert float(lit.mean() - images.mean()) > 0.3 and float(lit.max()) <= 1.0
+    spot = identity.lit(images, 0.3, "spotlight")  # only the shape is lit: the background keeps its value
+    assert torch.equal(spot[:, :, :2, :2], images[:, :, :2, :2]) and float(spot.max()) <= 1.0
+    white, spot_white = identity.whiteness(images), identity.whiteness(spot)
+    assert float(white.max() - white.min()) < 0.15 < float((spot_white - white).min())  # any colour, paler
+    with pytest.raises(ValueError, match="lighting"):
+        identity.lit(images, 0.3, "fog")
 
 
 def test_partial_captions_name_only_the_factors_given():

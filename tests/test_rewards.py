@@ -15,6 +15,7 @@ from fxpress.training.blend import blend_embeddings, blend_weights, blended_samp
 from fxpress.training.reward_sampling import draw_grad_steps, truncated_sample
 from fxpress.training.rewards import (
     AlignmentReward,
+    AngleReward,
     Brightness,
     InkCoverage,
     Saturation,
@@ -89,6 +90,36 @@ def test_alignment_reward_is_the_log_probability_of_the_named_factors():
         AlignmentReward(classifier, classifier)
     with pytest.raises(FxpressError, match="no head"):
         reward(images, {"size": torch.zeros(3, dtype=torch.long)})
+
+
+def test_angle_reward_reads_the_classifiers_angle_and_skips_rows_without_one():
+    torch.manual_seed(0)
+    classifier = FactorClassifier(3, 16, {"shape": 2}, angles={"rotation": 90.0})
+    judge = FactorClassifier(3, 16, {"shape": 2}, angles={"rotation": 90.0})
+    circle = 0
+    defined = lambda targets: targets["shape"] != circle  # noqa: E731
+    upright = AngleReward("upright", classifier, judge, "rotation", 90.0, 0.0, defined)
+    tilted = AngleReward("tilted", classifier, judge, "rotation", 90.0, 45.0, defined)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    targets = {"shape": torch.tensor([1, 1, circle, 1])}
+    vector = classifier.angle_vectors(classifier.features(images))["rotation"]
+    cos = vector[:, 0] / vector.norm(dim=1)
+    up = upright(images, targets)
+    assert torch.allclose(up[[0, 1, 3]], cos[[0, 1, 3]], atol=1e-6) and up[2] == 0  # a circle scores 0
+    assert torch.allclose(tilted(images, targets)[[0, 1, 3]], -cos[[0, 1, 3]], atol=1e-6)  # 45 degrees: opposite
+    images.requires_grad_(True)
+    upright(images, targets).sum().backward()
+    assert images.grad.abs().sum() > 0  # differentiable in the images
+    angle = judge.angles(images.detach())["rotation"]
+    evaluated = upright.evaluate(images.detach(), targets)
+    assert torch.allclose(evaluated[[0, 1, 3]], torch.cos(angle * (2 * torch.pi / 90))[[0, 1, 3]], atol=1e-5)
+    assert evaluated[2] == 0
+    with pytest.raises(FxpressError, match="second classifier"):
+        AngleReward("upright", classifier, classifier, "rotation", 90.0, 0.0)
+    with pytest.raises(FxpressError, match="no head"):
+        AngleReward("upright", classifier, judge, "tilt", 90.0, 0.0)
+    with pytest.raises(FxpressError, match="targets"):
+        upright(images.detach())
 
 
 def test_weighted_rewards_make_the_negative_weighted_sum():

@@ -37,6 +37,12 @@ def test_prompt_split_holds_out_every_third_prompt_and_names_every_factor(digits
 
 def test_rewards_are_chosen_per_testbed_and_named_when_wrong(digits):
     assert set(style_names(digits)) == {"bright", "dark", "thick", "thin"}
+    shapes = load_testbed("shapes")
+    assert set(style_names(shapes)) == {"bright", "dark", "vivid", "muted", "upright", "tilted"}
+    with pytest.raises(FxpressError, match="upright reward needs its own classifier"):
+        make_rewards(shapes, {"upright": 1.0})
+    with pytest.raises(FxpressError, match="no reward 'upright'"):
+        make_rewards(digits, {"upright": 1.0})
     with pytest.raises(FxpressError, match="no reward 'vivid'"):
         make_rewards(digits, {"vivid": 1.0})
     with pytest.raises(FxpressError, match="own classifier"):

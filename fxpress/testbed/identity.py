@@ -2,7 +2,8 @@
 
 Identity is a shape's kind and colour, taken from a reference image. The confounders an adapter may
 wrongly learn to copy are the pose (position and rotation, which `pose_maps` draws as a map for a
-control branch) and the lighting of its fine-tuning set (`lit`: a haze that lifts every pixel).
+control branch) and the lighting of its fine-tuning set (`lit`: a spotlight that pales the shape, or a
+haze that lifts every pixel; `whiteness` reads the spotlight back whatever the shape's colour).
 """
 
 from __future__ import annotations
@@ -15,14 +16,41 @@ import torch.nn.functional as F
 from fxpress.testbed import shapes
 from fxpress.testbed.dataset import ImageSet
 
-LIGHT_GAIN, LIGHT_OFFSET = 0.75, 0.25  # [-1, 1] pixels stay in range; the dark background -0.84 becomes -0.38
+HAZE = 0.25  # x * (1 - HAZE) + HAZE keeps [-1, 1] in range; at 0.25 the dark background -0.84 becomes -0.38
+SPOTLIGHT = 0.3  # a lit shape's smallest channel goes from about -0.76 to -0.24
+LIGHTINGS = ("haze", "spotlight")  # the whole image lifted towards white, or only the shape
+SHAPE_CONTRAST = 1.3  # every palette colour's largest channel lies >= 1.3 above the background ([-1, 1] units)
 BACKGROUND = 0.08 * 2 - 1
 ARM, HALF_WIDTH = 6.0, 0.75  # the pose marker: a thin "+" whose arms are ARM pixels long
 
 
-def lit(images: torch.Tensor) -> torch.Tensor:
-    """Return `images` under the fine-tuning set's lighting (a brighter, lower-contrast haze)."""
-    return images * LIGHT_GAIN + LIGHT_OFFSET
+def lit(images: torch.Tensor, strength: float = HAZE, lighting: str = "haze") -> torch.Tensor:
+    """Return `images` under the fine-tuning set's lighting, `strength` in [0, 1] of the way to white:
+    'haze' lifts every pixel (brighter, lower contrast), 'spotlight' only the shape's (its anti-aliased
+    coverage), so the background stays as it was and the shape turns paler."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"lighting strength must lie in [0, 1], got {strength}")
+    if lighting not in LIGHTINGS:
+        raise ValueError(f"unknown lighting {lighting!r}; known: {', '.join(LIGHTINGS)}")
+    lift = strength * (1.0 - images)
+    if lighting == "spotlight":
+        lift = lift * coverage(images)
+    return images + lift
+
+
+def coverage(images: torch.Tensor) -> torch.Tensor:
+    """Return (N, 1, H, W) in [0, 1]: how much of each pixel the shape covers (1 inside, fractional on
+    anti-aliased edges, 0 on the background)."""
+    return ((images - BACKGROUND).abs().amax(1, keepdim=True) / SHAPE_CONTRAST).clamp(0, 1)
+
+
+def whiteness(images: torch.Tensor) -> torch.Tensor:
+    """Return each image's mean smallest channel over the pixels its shape fully covers (N,): every palette
+    colour has one channel near 0 (-0.8 in [-1, 1] units), so this rises as the shape is lit paler,
+    whatever its colour; images with no shape give 0."""
+    weight = (coverage(images)[:, 0] >= 0.9).float()
+    low = images.amin(1)
+    return (low * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
 
 
 def centres(images: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,11 @@ from fxpress.testbed.classifier import FactorClassifier
 from fxpress.testbed.models import Testbed
 from fxpress.testbed.sampling import schedule, seeded_noise
 from fxpress.training.prompt_set import PromptSet, encode_ids
-from fxpress.training.rewards import STYLE_REWARDS, AlignmentReward, WeightedRewards, style_reward
+from fxpress.training.rewards import STYLE_REWARDS, AlignmentReward, AngleReward, WeightedRewards, style_reward
 
 HELD_OUT_EVERY = 3  # prompt i is held out when i % 3 == 2
+ANGLE_STYLES = {"upright": 0.0, "tilted": 0.5}  # the rotation they ask for, as a share of its period
+CLASSIFIER_REWARDS = ("alignment", *ANGLE_STYLES)  # the rewards read by the reward's own classifier
 
 
 def sampler_spec(testbed: Testbed, steps: int | None = None) -> SamplerSpec:
@@ -73,10 +75,11 @@ def prompt_set(testbed: Testbed, prompts: list[tuple[str, dict[str, int]]]) -> P
 
 def style_names(testbed: Testbed) -> list[str]:
     """The style rewards that apply to the testbed's images (saturation needs colour; ink, strokes on a
-    dark ground, applies to single-channel images)."""
+    dark ground, applies to single-channel images; upright / tilted need a rotation the classifier reads)."""
     colour = testbed.spec.channels == 3
-    return [n for n, (kind, _) in STYLE_REWARDS.items()
-            if (kind.__name__ != "Saturation" or colour) and (kind.__name__ != "InkCoverage" or not colour)]
+    pixel = [n for n, (kind, _) in STYLE_REWARDS.items()
+             if (kind.__name__ != "Saturation" or colour) and (kind.__name__ != "InkCoverage" or not colour)]
+    return pixel + (list(ANGLE_STYLES) if "rotation" in testbed.spec.angles else [])
 
 
 def reward_classifier(testbed: Testbed, seed: int = 1, steps: int | None = None,
@@ -103,20 +106,26 @@ def reward_classifier(testbed: Testbed, seed: int = 1, steps: int | None = None,
 
 def make_rewards(testbed: Testbed, weights: dict[str, float],
                  classifier: FactorClassifier | None = None) -> WeightedRewards:
-    """Return the weighted rewards `weights` names ({'alignment': 1.0, 'bright': 0.5}); 'alignment' needs the
-    reward's `classifier` (`reward_classifier`) and is judged by the testbed's own classifier."""
+    """Return the weighted rewards `weights` names ({'alignment': 1.0, 'bright': 0.5}); 'alignment', 'upright'
+    and 'tilted' need the reward's `classifier` (`reward_classifier`) and are judged by the testbed's own."""
     usable = ["alignment", *style_names(testbed)]
     unknown = [n for n in weights if n not in usable]
     if unknown:
         raise FxpressError(f"testbed {testbed.spec.name!r} has no reward {', '.join(map(repr, unknown))}; its rewards: "
                            f"{', '.join(usable)}")
     chosen = {}
+    spec = testbed.spec
     for name, weight in weights.items():
+        if name in CLASSIFIER_REWARDS and classifier is None:
+            raise FxpressError(f"the {name} reward needs its own classifier (fxpress.testbed.tuning."
+                               "reward_classifier)")
         if name == "alignment":
-            if classifier is None:
-                raise FxpressError("the alignment reward needs its own classifier (fxpress.testbed.tuning."
-                                   "reward_classifier)")
             chosen[name] = (AlignmentReward(classifier, testbed.classifier), float(weight))
+        elif name in ANGLE_STYLES:
+            period = spec.angles["rotation"]
+            defined = (lambda targets: spec.angle_defined("rotation", targets)) if spec.angle_defined else None
+            chosen[name] = (AngleReward(name, classifier, testbed.classifier, "rotation", period,
+                                        ANGLE_STYLES[name] * period, defined), float(weight))
         else:
             chosen[name] = (style_reward(name), float(weight))
     return WeightedRewards(chosen)
@@ -166,5 +175,5 @@ def sample_accuracy(testbed: Testbed, images: torch.Tensor, targets: dict[str, t
     return float(right.float().mean())
 
 
-__all__ = ["all_prompts", "evaluate_tuning", "generate", "make_rewards", "prompt_set", "prompt_split",
-           "reward_classifier", "sample_accuracy", "sampler_spec", "style_names"]
+__all__ = ["ANGLE_STYLES", "CLASSIFIER_REWARDS", "all_prompts", "evaluate_tuning", "generate", "make_rewards",
+           "prompt_set", "prompt_split", "reward_classifier", "sample_accuracy", "sampler_spec", "style_names"]

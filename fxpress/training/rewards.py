@@ -7,13 +7,14 @@ statistic), so reward hacking shows up as a reward that rises while its evaluato
 
 `AlignmentReward` is the CLIP-score analogue: the log-probability, under a classifier, of the factors the
 prompt names. The style rewards ask for something no prompt names and come in opposite pairs:
-`Brightness` (bright / dark), `Saturation` (vivid / muted, colour images) and `InkCoverage` (thick / thin
-strokes). `WeightedRewards` makes the loss −Σ wᵢ·mean(rᵢ).
+`Brightness` (bright / dark), `Saturation` (vivid / muted, colour images), `InkCoverage` (thick / thin
+strokes) and `AngleReward` (an angle no prompt names, such as a shape's rotation: upright / tilted, read by
+a classifier's angle head). `WeightedRewards` makes the loss −Σ wᵢ·mean(rᵢ).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -175,6 +176,49 @@ class InkCoverage(Reward):
             distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
             widths.append(float(4 * distance[mask].mean() - 2))
         return torch.tensor(widths, dtype=images.dtype)
+
+
+class AngleReward(Reward):
+    """How close an angle factor the prompts never name (a shape's rotation) is to `target` degrees:
+    cos(2π·(angle − target)/period) with the angle read by `classifier`'s angle head (its (cos, sin)
+    vector, normalised), evaluated the same way by `judge`, a second classifier, on its hard angle.
+    Rows `defined(targets)` marks False (a circle has no rotation) score 0."""
+
+    def __init__(self, name: str, classifier: nn.Module, judge: nn.Module, factor: str, period: float,
+                 target: float, defined: Callable[[Targets], torch.Tensor] | None = None):
+        super().__init__()
+        if judge is classifier:
+            raise FxpressError(f"the {name!r} reward's judge must be a second classifier, not the reward's own")
+        for role, model in (("classifier", classifier), ("judge", judge)):
+            if factor not in getattr(model, "periods", {}):
+                raise FxpressError(f"the {name!r} reward reads angle {factor!r}, which the {role} has no head for")
+        self.name, self.factor, self.period, self.target = name, factor, float(period), float(target)
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.judge = judge.eval().requires_grad_(False)
+        self.defined = defined
+
+    def _direction(self, like: torch.Tensor) -> torch.Tensor:
+        phase = torch.tensor(2 * np.pi * self.target / self.period, dtype=like.dtype, device=like.device)
+        return torch.stack([phase.cos(), phase.sin()])
+
+    def _mask(self, targets: Targets | None, n: int, like: torch.Tensor) -> torch.Tensor:
+        if self.defined is None:
+            return torch.ones(n, dtype=torch.bool, device=like.device)
+        if not targets:
+            raise FxpressError(f"the {self.name!r} reward needs the prompts' targets to know where "
+                               f"{self.factor!r} is defined")
+        return self.defined(targets).to(like.device)
+
+    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        vector = self.classifier.angle_vectors(self.classifier.features(images))[self.factor]
+        score = (vector @ self._direction(vector)) / vector.norm(dim=1).clamp_min(1e-6)
+        return torch.where(self._mask(targets, len(images), score), score, torch.zeros_like(score))
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        angle = self.judge.angles(images)[self.factor]
+        score = torch.cos((angle - self.target) * (2 * np.pi / self.period))
+        return torch.where(self._mask(targets, len(images), score), score, torch.zeros_like(score))
 
 
 def _need_colour(images: torch.Tensor, name: str) -> None:
