@@ -34,34 +34,57 @@ def load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
 
 
 @triton.jit
+def load_output_slice(w_ptr, row0, k0, offs_n, K, N, stride_wk, stride_wn,
+                      BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Return one bit slice's fields as [BLOCK_N, BLOCK_K]: outputs offs_n x inputs k0 .. k0 + BLOCK_K (a
+    whole number of words: BLOCK_K a multiple of 32 // BITS), each output's words loaded as one run."""
+    FPW: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    rows = k0 // FPW + tl.arange(0, BLOCK_K // FPW)
+    words = tl.load(w_ptr + (row0 + rows)[None, :] * stride_wk + offs_n[:, None] * stride_wn,
+                    mask=(rows[None, :] < tl.cdiv(K, FPW)) & (offs_n[:, None] < N), other=0)
+    shifts = tl.arange(0, FPW) * BITS
+    fields = (words[:, :, None] >> shifts[None, None, :]) & MASK  # word j, field f = input j * FPW + f
+    return tl.reshape(fields, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def add_slice(codes, row0, w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
-              BITS: tl.constexpr, SHIFT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+              BITS: tl.constexpr, SHIFT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+              BY_OUTPUT: tl.constexpr):
     """OR one slice's fields into `codes` at bit SHIFT; return them with the next slice's first word row."""
-    fields = load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, BITS, BLOCK_K, BLOCK_N)
+    if BY_OUTPUT:
+        fields = load_output_slice(w_ptr, row0, k0, offs_n, K, N, stride_wk, stride_wn, BITS, BLOCK_K, BLOCK_N)
+    else:
+        fields = load_slice(w_ptr, row0, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, BITS, BLOCK_K, BLOCK_N)
     return codes | (fields << SHIFT), row0 + tl.cdiv(K, 32 // BITS)
 
 
 @triton.jit
 def load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn,
-               WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Return the unsigned codes of inputs offs_k (= k0 + arange(BLOCK_K)) x outputs offs_n, int32.
+               WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BY_OUTPUT: tl.constexpr):
+    """Return the unsigned codes of inputs offs_k (= k0 + arange(BLOCK_K)) x outputs offs_n, int32, as
+    [BLOCK_K, BLOCK_N], or [BLOCK_N, BLOCK_K] when BY_OUTPUT (the small-M kernel's operand order).
 
     Slices run widest first (as packing.width_parts); a slice's bits sit above all wider slices'.
     Written out per slice: Triton cannot carry a changing constexpr shift through a static loop.
     """
-    codes = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+    if BY_OUTPUT:
+        codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    else:
+        codes = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
     row0 = 0
     args = (w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn)
     if WIDTH & 16:
-        codes, row0 = add_slice(codes, row0, *args, 16, 0, BLOCK_K, BLOCK_N)
+        codes, row0 = add_slice(codes, row0, *args, 16, 0, BLOCK_K, BLOCK_N, BY_OUTPUT)
     if WIDTH & 8:
-        codes, row0 = add_slice(codes, row0, *args, 8, WIDTH & 16, BLOCK_K, BLOCK_N)
+        codes, row0 = add_slice(codes, row0, *args, 8, WIDTH & 16, BLOCK_K, BLOCK_N, BY_OUTPUT)
     if WIDTH & 4:
-        codes, row0 = add_slice(codes, row0, *args, 4, WIDTH & 24, BLOCK_K, BLOCK_N)
+        codes, row0 = add_slice(codes, row0, *args, 4, WIDTH & 24, BLOCK_K, BLOCK_N, BY_OUTPUT)
     if WIDTH & 2:
-        codes, row0 = add_slice(codes, row0, *args, 2, WIDTH & 28, BLOCK_K, BLOCK_N)
+        codes, row0 = add_slice(codes, row0, *args, 2, WIDTH & 28, BLOCK_K, BLOCK_N, BY_OUTPUT)
     if WIDTH & 1:
-        codes, row0 = add_slice(codes, row0, *args, 1, WIDTH & 30, BLOCK_K, BLOCK_N)
+        codes, row0 = add_slice(codes, row0, *args, 1, WIDTH & 30, BLOCK_K, BLOCK_N, BY_OUTPUT)
     return codes
 
 
@@ -75,7 +98,7 @@ def load_weights(w_ptr, s_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, s
     weight). MAGIC (fp16 activations, codes < 1024) builds fp16 values without an int-to-float
     conversion: the bits 0x6400 | code read as fp16 are exactly 1024 + code.
     """
-    codes = load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, WIDTH, BLOCK_K, BLOCK_N)
+    codes = load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, WIDTH, BLOCK_K, BLOCK_N, False)
     if GROUPED:
         s = tl.load(s_ptr + offs_n[None, :] * stride_sn + (offs_k // group)[:, None] * stride_sg,
                     mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)

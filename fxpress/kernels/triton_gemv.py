@@ -39,7 +39,8 @@ def _lowbit_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
             w = load_weights(w_ptr, s_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, stride_sn, stride_sg,
                              offset, group, WIDTH, GROUPED, False, BLOCK_K, BLOCK_N)
         else:
-            codes = load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, WIDTH, BLOCK_K, BLOCK_N)
+            codes = load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, WIDTH, BLOCK_K, BLOCK_N,
+                               False)
             w = (codes | 0x4B000000).to(tl.float32, bitcast=True)
             w = w - (tl.full((), 8388608, tl.int32) + offset).to(tl.float32)
         acc += x[:, :, None] * w[None, :, :]

@@ -21,46 +21,11 @@ import triton.language as tl
 
 from fxpress.kernels.kernel_config import KernelConfig, dot_settings
 from fxpress.kernels.ops import group_size
-from fxpress.kernels.triton_decode import epilogue
+from fxpress.kernels.triton_decode import epilogue, load_codes
 from fxpress.kernels.triton_matmul import gemm_arguments, sum_splits
 
 MAX_ROWS = 16
 MIN_BLOCK_K = 32  # a 1-bit slice holds 32 inputs per word: a tile covers whole words of every slice
-
-
-@triton.jit
-def add_output_slice(codes, row0, w_ptr, k0, offs_n, K, N, stride_wk, stride_wn,
-                     BITS: tl.constexpr, SHIFT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OR one bit slice's fields for outputs offs_n x inputs k0 .. k0 + BLOCK_K into `codes` [BLOCK_N,
-    BLOCK_K] at bit SHIFT; return them with the next slice's first word row."""
-    FPW: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    rows = k0 // FPW + tl.arange(0, BLOCK_K // FPW)
-    words = tl.load(w_ptr + (row0 + rows)[None, :] * stride_wk + offs_n[:, None] * stride_wn,
-                    mask=(rows[None, :] < tl.cdiv(K, FPW)) & (offs_n[:, None] < N), other=0)
-    shifts = tl.arange(0, FPW) * BITS
-    fields = (words[:, :, None] >> shifts[None, None, :]) & MASK  # word j, field f = input j * FPW + f
-    return codes | (tl.reshape(fields, (BLOCK_N, BLOCK_K)) << SHIFT), row0 + tl.cdiv(K, FPW)
-
-
-@triton.jit
-def load_output_codes(w_ptr, k0, offs_n, K, N, stride_wk, stride_wn,
-                      WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Return the unsigned codes [BLOCK_N, BLOCK_K] of outputs offs_n and inputs k0 .. k0 + BLOCK_K."""
-    codes = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-    row0 = 0
-    args = (w_ptr, k0, offs_n, K, N, stride_wk, stride_wn)
-    if WIDTH & 16:
-        codes, row0 = add_output_slice(codes, row0, *args, 16, 0, BLOCK_K, BLOCK_N)
-    if WIDTH & 8:
-        codes, row0 = add_output_slice(codes, row0, *args, 8, WIDTH & 16, BLOCK_K, BLOCK_N)
-    if WIDTH & 4:
-        codes, row0 = add_output_slice(codes, row0, *args, 4, WIDTH & 24, BLOCK_K, BLOCK_N)
-    if WIDTH & 2:
-        codes, row0 = add_output_slice(codes, row0, *args, 2, WIDTH & 28, BLOCK_K, BLOCK_N)
-    if WIDTH & 1:
-        codes, row0 = add_output_slice(codes, row0, *args, 1, WIDTH & 30, BLOCK_K, BLOCK_N)
-    return codes
 
 
 @triton.jit
@@ -82,7 +47,7 @@ def _lowbit_small_m_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_k[:, None] * stride_xk + offs_m[None, :] * stride_xm,
                      mask=(offs_k[:, None] < K) & (offs_m[None, :] < M), other=0.0)
-        codes = load_output_codes(w_ptr, k0, offs_n, K, N, stride_wk, stride_wn, WIDTH, BLOCK_K, BLOCK_N)
+        codes = load_codes(w_ptr, k0, offs_k, offs_n, K, N, stride_wk, stride_wn, WIDTH, BLOCK_K, BLOCK_N, True)
         if MAGIC:
             biased = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
             w = biased - (tl.full((), 1024, tl.int32) + offset).to(tl.float16)  # exact: |code - offset| < 1024
