@@ -37,6 +37,11 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (1 elsewhere: the interpreter)."""
+    return _multiprocessors(device.index or 0) if device.type == "cuda" else 1
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "_")
@@ -133,15 +138,14 @@ def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
             return triton_small_m.lowbit_small_m(x2, packed, scale, bias, width, offset, K, choice.config)
         return triton_matmul.lowbit_matmul(x2, packed, scale, bias, width, offset, K, choice.config)
 
-    layout = "om" if is_output_major(packed) else "km"  # the packed words' layout (see packing.output_major)
-    fast_key = ("linear", x.device, x.dtype, width, scale.dim(), M, N, K, layout)
+    om = is_output_major(packed)  # the packed words' layout (see packing.output_major)
+    fast_key = ("linear", x.device, x.dtype, width, scale.dim(), M, N, K, om)
     choice = TUNER.fast(fast_key)
     if choice is None:
         fused = width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
-        sms = _multiprocessors(x.device.index or 0) if x.device.type == "cuda" else 1
         key = (f"linear|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
-               f"|m{_m_bucket(M)}|n{N}|k{K}" + ("|om" if layout == "om" else ""))
-        choice = TUNER.choose(key, linear_candidates(M, N, K, sms, fused), run)
+               f"|m{_m_bucket(M)}|n{N}|k{K}" + ("|om" if om else ""))
+        choice = TUNER.choose(key, linear_candidates(M, N, K, _sms(x.device), fused), run)
         TUNER.remember_fast(fast_key, choice)
     return run(choice).reshape(*x.shape[:-1], N)
 
@@ -168,9 +172,9 @@ def conv2d(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
                                          dilation, choice.config)
 
     channels_last = x4.is_contiguous(memory_format=torch.channels_last) and not x4.is_contiguous()
-    layout = "om" if is_output_major(packed) else "km"
+    om = is_output_major(packed)
     fast_key = ("conv2d", x.device, x.dtype, width, scale.dim(), tuple(x4.shape), tuple(weight_shape), tuple(stride),
-                tuple(padding), tuple(dilation), groups, channels_last, layout)
+                tuple(padding), tuple(dilation), groups, channels_last, om)
     choice = TUNER.fast(fast_key)
     if choice is None:
         fused = groups == 1 and width <= MAX_FUSED_WIDTH and x.dtype in FUSED_DTYPES
@@ -178,9 +182,8 @@ def conv2d(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: tor
         OW = triton_conv.conv_output_size(W, KW, stride[1], padding[1], dilation[1])
         key = (f"conv2d|{_device_name(x.device)}|{str(x.dtype)[6:]}|w{width}|g{scale.dim() == 2}"
                f"|x{B}x{C}x{H}x{W}|w{N}x{KH}x{KW}|s{stride}|p{padding}|d{dilation}|grp{groups}|cl{channels_last}"
-               + ("|om" if layout == "om" else ""))
-        sms = _multiprocessors(x.device.index or 0) if x.device.type == "cuda" else 1
-        candidates = conv_candidates(B * OH * OW, N, weight_shape[1] * KH * KW, fused, sms)
+               + ("|om" if om else ""))
+        candidates = conv_candidates(B * OH * OW, N, weight_shape[1] * KH * KW, fused, _sms(x.device))
         choice = TUNER.choose(key.replace(" ", ""), candidates, run)
         TUNER.remember_fast(fast_key, choice)
     y = run(choice)
