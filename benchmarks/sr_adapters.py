@@ -11,7 +11,8 @@ Four trainings, same steps, batch and seeds, all with the rewiring passes and th
 
   baseline      InsertImageAdapter, TrainBranches (reconstruction)
   SR-CN         a control branch fed the target's pose map (position + rotation as a "+"), trained once
-                on the base data and frozen, attached train-only while the adapter trains, then stripped
+                on the base data (caption factors dropped at random, so it also knows the adapter's
+                size-only prompts) and frozen, attached train-only while the adapter trains, then stripped
   SR-LoRA       a LoRA trained first on the fine-tuning set, frozen while the adapter trains, stripped
   SR-CN+LoRA    both
 
@@ -26,7 +27,8 @@ held-out real (unlit) images. Mean ± σ over the training seeds.
 
 Run: .venv/bin/python benchmarks/sr_adapters.py  (defaults: seeds 0 1 2, adapter 1500 steps, lr 1e-3, EMA
      0.995, batch 32; about 100 minutes on 2 cores), or in shares: --part a --seeds 0 --methods ...; --part b
-     --seeds 1 2 --no-export; then --combine a b (the reference encoder and control branch are cached in --cache)
+     --seeds 1 2 --no-export; then --combine a b (or a:SR-CN,baseline to take some methods of a part;
+     the reference encoder and control branch are cached in --cache)
 Writes benchmarks/results/sr_adapters.md, sr_adapters.json and sr_adapters.png.
 """
 
@@ -100,16 +102,27 @@ def run(graph, passes, data: DiffusionData | None = None):
     return Pipeline(passes).run(graph, PassContext(training_data=data))[0]
 
 
-def pretrained_control(testbed: Testbed, graph, base, steps: int, batch: int, cache: Path) -> torch.nn.Module:
-    """A control branch trained once on the base data with its pose maps ("a pre-trained ControlNet")."""
+def control_captions(base, factor_dropout: float, seed: int = 1001) -> list[str]:
+    """The control branch's training captions: shape, colour and size, each left out with probability
+    `factor_dropout` (drawn once per image), so the branch also knows the partial prompts adapters train with."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(len(base), 3, generator=gen) >= factor_dropout
+    names = ("shape", "colour", "size")
+    return [shapes.describe({k: int(base.factors[k][i]) for j, k in enumerate(names) if keep[i, j]})
+            for i in range(len(base))]
+
+
+def pretrained_control(testbed: Testbed, graph, base, steps: int, batch: int, cache: Path,
+                       factor_dropout: float = 0.0) -> torch.nn.Module:
+    """A control branch trained once on the base data with its pose maps ("a pre-trained ControlNet"), its
+    captions' factors dropped with probability `factor_dropout`."""
     attach = AttachControlBranch(name="pose", input_name="pose", channels=1, embedding_channels=(16,),
                                  role="train_only")
     if cache.exists():
         controlled = run(graph, [attach])
         controlled.module.controlnet.load_state_dict(load_file(str(cache)))
         return controlled.module.controlnet
-    captions = [shapes.describe({k: int(base.factors[k][i]) for k in ("shape", "colour", "size")})
-                for i in range(len(base))]
+    captions = control_captions(base, factor_dropout)
     data = data_for(testbed, base.images, captions, {"pose": identity.pose_maps(base)}, {})
     trained = run(graph, [attach, TrainBranches(AdapterConfig(branches=("pose",), steps=steps, batch=batch,
                                                               lr=1e-3, seed=1000))], data)
@@ -257,7 +270,9 @@ def write_table(path: Path, record: dict) -> None:
              f"{len(args.seeds)} training seeds ({', '.join(map(str, args.seeds))}), {args.probes} held-out "
              "references, "
              f"adapter {args.adapter_steps} steps, SR-LoRA {args.lora_steps} steps first, control branch "
-             f"{args.control_steps} steps once; batch {args.batch}, lr {args.lr}. Mean ± σ over seeds. Seconds per "
+             f"{args.control_steps} steps once (each caption factor left out with probability "
+             f"{getattr(args, 'control_factor_dropout', 0.0)}); batch {args.batch}, lr {args.lr}. Mean ± σ over seeds. "
+             "Seconds per "
              f"training (train + sample): " + ", ".join(f"{k} {v}" for k, v in record["seconds"].items()) + ".", "",
              "| method | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     base = record["base"]
@@ -346,10 +361,24 @@ def datetime_now() -> str:
 def combine(out: Path, parts: list[str], cache: Path, notes: Path | None = None) -> None:
     """Merge the parts' records and grids into one json, markdown table and PNG; parts may hold other
     methods or other seeds of the same method (the grid and export checks come from the lowest seed).
-    `notes` (a markdown file) is appended to the table: the reading of the results."""
+    A part written `name:method,method` contributes only those methods (the others' rows, grids and export
+    checks are superseded elsewhere). `notes` (a markdown file) is appended to the table."""
+    chosen = {name: set(methods.split(",")) if methods else None
+              for name, _, methods in (part.partition(":") for part in parts)}
+    parts = list(chosen)
     records = [json.loads(out.with_suffix(f".{part}.json").read_text()) for part in parts]
-    record = {**records[0], "commands": [c for r in records for c in r["commands"]], "runs": {}, "run_seeds": {},
-              "summary": {}, "seconds": {}, "deployable": {}}
+    for part, r in zip(parts, records):
+        keep = chosen[part] or set(r["runs"])
+        unknown = keep - set(r["runs"])
+        if unknown:
+            raise SystemExit(f"--combine {part}: the part has no {sorted(unknown)} (it has {sorted(r['runs'])})")
+        r["runs"] = {m: rows for m, rows in r["runs"].items() if m in keep}
+        r["deployable"] = {m: v for m, v in r.get("deployable", {}).items() if m in keep}
+        r["grid_methods"] = keep
+    settings = {k: v for r in reversed(records) for k, v in r["settings"].items()}  # a setting only some parts name
+    record = {**records[0], "settings": settings, "commands": [c for r in records for c in r["commands"]],
+              "runs": {}, "run_seeds": {}, "summary": {}, "seconds": {}, "deployable": {}}
+    record.pop("grid_methods", None)
     grids: dict[str, torch.Tensor] = {}
     first_seed: dict[str, int] = {}
     for part, r in sorted(zip(parts, records), key=lambda pr: min(pr[1]["settings"]["seeds"]), reverse=True):
@@ -361,7 +390,8 @@ def combine(out: Path, parts: list[str], cache: Path, notes: Path | None = None)
             first_seed[method] = min(seeds)
         record["seconds"].update({f"{k} ({part})" if k.startswith("part") else k: v for k, v in r["seconds"].items()})
         record["deployable"].update(r.get("deployable", {}))
-        grids.update(load_file(str(cache / f"grid_{part}.safetensors")))
+        grids.update({k: v for k, v in load_file(str(cache / f"grid_{part}.safetensors")).items()
+                      if k not in METHODS or k in r["grid_methods"]})
     record["runs"] = {m: record["runs"][m] for m in METHODS if m in record["runs"]}  # the methods' order
     record["run_seeds"] = {m: record["run_seeds"][m] for m in record["runs"]}
     record["summary"] = {m: summary(rows) for m, rows in record["runs"].items()}
@@ -381,6 +411,8 @@ def main() -> None:
     parser.add_argument("--adapter-steps", type=int, default=1500)
     parser.add_argument("--lora-steps", type=int, default=150)
     parser.add_argument("--control-steps", type=int, default=400)
+    parser.add_argument("--control-factor-dropout", type=float, default=0.5,
+                        help="probability each factor is left out of the control branch's training captions")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the trained branches (0: off)")
@@ -396,7 +428,8 @@ def main() -> None:
     parser.add_argument("--testbed-dir", type=Path, default=None, help="shapes weights (default: committed)")
     parser.add_argument("--no-export", action="store_true", help="skip the 1.99-bit compression and ONNX export")
     parser.add_argument("--part", default="all", help="name of this run's share of the methods (see --combine)")
-    parser.add_argument("--combine", nargs="+", default=None, help="merge these parts' results and stop")
+    parser.add_argument("--combine", nargs="+", default=None,
+                        help="merge these parts' results and stop (PART:METHOD,METHOD takes only those methods)")
     parser.add_argument("--notes", type=Path, default=None, help="with --combine: markdown appended to the table")
     parser.add_argument("--out", type=Path, default=RESULTS / "sr_adapters.md")
     args = parser.parse_args()
@@ -422,8 +455,10 @@ def main() -> None:
     example = {"sample": torch.randn(n, spec.channels, spec.resolution, spec.resolution),
                "timestep": torch.tensor([500, 900]), "encoder_hidden_states": testbed.encode(["a shape"] * n)}
     graph = capture(testbed.denoiser, (), example)
+    dropout_tag = f"_fd{round(100 * args.control_factor_dropout)}" if args.control_factor_dropout else ""
     control = pretrained_control(testbed, graph, spec.load_split("train"), args.control_steps, args.batch,
-                                 args.cache / f"control_{args.control_steps}.safetensors")
+                                 args.cache / f"control_{args.control_steps}{dropout_tag}.safetensors",
+                                 args.control_factor_dropout)
     probe = probes(testbed, args.probes, encoder, args.strength, args.lighting)
     _, real_features = classify(testbed, spec.load_split("test").images)
     base_images = sample(testbed, testbed.denoiser, probe, seed=0, embeds=False)
@@ -433,7 +468,8 @@ def main() -> None:
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s) per "
                          f"process, torch {torch.__version__}",
               "settings": {k: v for k, v in vars(args).items() if k in ("seeds", "adapter_steps", "lora_steps",
-                                                                       "control_steps", "batch", "lr", "ema", "probes",
+                                                                       "control_steps", "control_factor_dropout",
+                                                                       "batch", "lr", "ema", "probes",
                                                                        "encoder_steps", "ft_count", "lighting",
                                                                        "strength")},
               "base": {"follow": float((base_pred["position"] == probe["requested"]).float().mean()),
