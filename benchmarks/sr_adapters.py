@@ -112,10 +112,12 @@ def control_captions(base, factor_dropout: float, seed: int = 1001) -> list[str]
             for i in range(len(base))]
 
 
-def pretrained_control(testbed: Testbed, graph, base, steps: int, batch: int, cache: Path,
+def pretrained_control(testbed: Testbed, graph, base, steps: int, batch: int, cache_dir: Path,
                        factor_dropout: float = 0.0) -> torch.nn.Module:
     """A control branch trained once on the base data with its pose maps ("a pre-trained ControlNet"), its
-    captions' factors dropped with probability `factor_dropout`."""
+    captions' factors dropped with probability `factor_dropout`; kept in `cache_dir` per setting."""
+    tag = f"_fd{round(100 * factor_dropout)}" if factor_dropout else ""
+    cache = cache_dir / f"control_{steps}{tag}.safetensors"
     attach = AttachControlBranch(name="pose", input_name="pose", channels=1, embedding_channels=(16,),
                                  role="train_only")
     if cache.exists():
@@ -455,10 +457,8 @@ def main() -> None:
     example = {"sample": torch.randn(n, spec.channels, spec.resolution, spec.resolution),
                "timestep": torch.tensor([500, 900]), "encoder_hidden_states": testbed.encode(["a shape"] * n)}
     graph = capture(testbed.denoiser, (), example)
-    dropout_tag = f"_fd{round(100 * args.control_factor_dropout)}" if args.control_factor_dropout else ""
     control = pretrained_control(testbed, graph, spec.load_split("train"), args.control_steps, args.batch,
-                                 args.cache / f"control_{args.control_steps}{dropout_tag}.safetensors",
-                                 args.control_factor_dropout)
+                                 args.cache, args.control_factor_dropout)
     probe = probes(testbed, args.probes, encoder, args.strength, args.lighting)
     _, real_features = classify(testbed, spec.load_split("test").images)
     base_images = sample(testbed, testbed.denoiser, probe, seed=0, embeds=False)

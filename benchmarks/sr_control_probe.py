@@ -85,9 +85,7 @@ def main() -> None:
              "probability.", "", "| factor dropout | t | identity words left out | empty caption | pose maps "
              "shuffled |", "|---|---|---|---|---|"]
     for dropout in args.dropouts:
-        tag = f"_fd{round(100 * dropout)}" if dropout else ""
-        control = pretrained_control(testbed, graph, base, args.control_steps, args.batch,
-                                     args.cache / f"control_{args.control_steps}{tag}.safetensors", dropout).eval()
+        control = pretrained_control(testbed, graph, base, args.control_steps, args.batch, args.cache, dropout).eval()
         for step, row in dependence(testbed, control, base, args.images).items():
             lines.append(f"| {dropout} | {step} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
             print(dropout, step, row, flush=True)
