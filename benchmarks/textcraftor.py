@@ -1,7 +1,8 @@
 """Benchmark: TextCraftor reward fine-tuning on the digits and shapes testbeds (PAPERS.md §4, issue 22).
 
-Per testbed, a style reward no prompt asks for (digits: `thick` strokes; shapes: `vivid` colour) and its
-opposite (`thin`, `muted`) for interpolation, with the alignment reward (log-probability of the named
+Per testbed, a style reward no prompt asks for (digits: `thick` strokes; shapes: `upright` rotation; the
+shapes denoiser never saw other colours than its palette's, so colour styles can only be hacked there) and
+its opposite (`thin`, `tilted`) for interpolation, with the alignment reward (log-probability of the named
 factors under a second classifier; the testbed's committed classifier judges accuracy) as the constraint:
 
   encoder        the text encoder tuned on style + alignment (TextCraftor), seeds --seeds
@@ -61,7 +62,7 @@ from fxpress.training.reward_sampling import truncated_sample  # noqa: E402
 from fxpress.tune import TuneRecipe, tune  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-STYLES = {"digits": ("thick", "thin"), "shapes": ("vivid", "muted")}
+STYLES = {"digits": ("thick", "thin"), "shapes": ("upright", "tilted")}
 WEIGHTS = [0.0, 0.25, 0.5, 0.75, 1.0]
 SECTIONS = ("no-alignment", "den", "quant", "k", "interp", "memory")
 
@@ -450,8 +451,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--testbed", choices=list(STYLES))
-    parser.add_argument("--style", default=None, help="the style reward (default: thick on digits, vivid on shapes)")
-    parser.add_argument("--opposite", default=None, help="its opposite, for interpolation (thin, muted)")
+    parser.add_argument("--style", default=None, help="the style reward (default: thick on digits, upright on shapes)")
+    parser.add_argument("--opposite", default=None, help="its opposite, for interpolation (thin, tilted)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
