@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("FXPRESS_QUIET", "1")
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fxpress.api import compress  # noqa: E402
 from fxpress.errors import FxpressError  # noqa: E402
@@ -299,7 +300,7 @@ def run_testbed(args) -> None:
     shown = {"original": testbed, **{f"{label}" if label != "opposite" else f"encoder ({opposite})": model
                                      for (label, key), model in tuned.items() if key == seed0}}
     panels = {label: generate(model, grid_prompts, 4)[0] for label, model in shown.items()}
-    torch.save({k: v.contiguous() for k, v in panels.items()}, args.cache / f"{args.testbed}_grid.pt")
+    save_file({k: v.contiguous() for k, v in panels.items()}, str(args.cache / f"{args.testbed}_grid.safetensors"))
     record["grid_prompts"] = [c for c, _ in held_prompts[:8]]
     record["seconds"]["total"] = round(time.perf_counter() - began, 1)
     save()
@@ -408,9 +409,11 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
                              f"{interp['spearman'][path]:.2f} | {interp['spearman_eval'][path]:.2f} |")
                 plots[f"{name}: {path}"] = (interp["weights"], [r[style] for r in rows], style)
         lines += ["", f"Seconds: {rec['seconds']}", ""]
-        grid_file = cache / f"{name}_grid.pt"
+        grid_file = cache / f"{name}_grid.safetensors"
         if grid_file.is_file():
-            grids[name] = (torch.load(grid_file), rec["grid_prompts"])
+            panels = load_file(str(grid_file))  # safetensors keeps no order: the run's order again
+            first = [k for k in ("original", "encoder", "no alignment", "enc -> den") if k in panels]
+            grids[name] = ({k: panels[k] for k in first + sorted(set(panels) - set(first))}, rec["grid_prompts"])
     if notes is not None:
         lines += ["## Notes", "", notes.read_text().strip()]
     (RESULTS / "textcraftor.md").write_text("\n".join(lines) + "\n")
