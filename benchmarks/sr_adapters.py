@@ -97,6 +97,14 @@ def data_for(testbed: Testbed, x0: torch.Tensor, captions: list[str], inputs: di
                          null_inputs=nulls)
 
 
+def captured_denoiser(testbed: Testbed):
+    """The testbed's denoiser captured with a two-row example (noisy samples at t = 500, 900, a caption)."""
+    spec = testbed.spec
+    example = {"sample": torch.randn(2, spec.channels, spec.resolution, spec.resolution),
+               "timestep": torch.tensor([500, 900]), "encoder_hidden_states": testbed.encode(["a shape"] * 2)}
+    return capture(testbed.denoiser, (), example)
+
+
 def run(graph, passes, data: DiffusionData | None = None):
     """Run `passes` on a copy of `graph` (training passes read `data`); return the new graph."""
     return Pipeline(passes).run(graph, PassContext(training_data=data))[0]
@@ -453,10 +461,7 @@ def main() -> None:
         embeds = encoder.features(ft.images)
     sets = {"ft": ft, "ft_captions": raw.captions, "ft_factors": raw.factors, "embeds": embeds,
             "ft_poses": identity.pose_maps(raw)}
-    n = 2
-    example = {"sample": torch.randn(n, spec.channels, spec.resolution, spec.resolution),
-               "timestep": torch.tensor([500, 900]), "encoder_hidden_states": testbed.encode(["a shape"] * n)}
-    graph = capture(testbed.denoiser, (), example)
+    graph = captured_denoiser(testbed)
     control = pretrained_control(testbed, graph, spec.load_split("train"), args.control_steps, args.batch,
                                  args.cache, args.control_factor_dropout)
     probe = probes(testbed, args.probes, encoder, args.strength, args.lighting)

@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("FXPRESS_QUIET", "1")
 
 import torch  # noqa: E402
-from sr_adapters import RESULTS, datetime_now, pretrained_control  # noqa: E402
+from sr_adapters import RESULTS, captured_denoiser, datetime_now, pretrained_control  # noqa: E402
 
-from fxpress.frontends.capture import capture  # noqa: E402
 from fxpress.testbed import identity, shapes  # noqa: E402
 from fxpress.testbed.models import Testbed, load_testbed  # noqa: E402
 from fxpress.testbed.sampling import training_scheduler  # noqa: E402
@@ -72,10 +71,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     args.cache.mkdir(parents=True, exist_ok=True)
     testbed = load_testbed("shapes")
-    spec, base = testbed.spec, testbed.spec.load_split("train")
-    example = {"sample": torch.randn(2, spec.channels, spec.resolution, spec.resolution),
-               "timestep": torch.tensor([500, 900]), "encoder_hidden_states": testbed.encode(["a shape"] * 2)}
-    graph = capture(testbed.denoiser, (), example)
+    base = testbed.spec.load_split("train")
+    graph = captured_denoiser(testbed)
     lines = [f"# What the SR-CN control branch reads besides the pose ({datetime_now()})", "",
              f"Command: `python benchmarks/sr_control_probe.py {' '.join(sys.argv[1:])}`. Relative L2 change of "
              f"the control branch's residuals for {args.images} base images (one noisy sample per image and "
