@@ -23,6 +23,11 @@ def add_tune_parsers(sub, console: Console) -> None:
     t.add_argument("--reward", action="append", required=True, metavar="NAME=WEIGHT",
                    help="a reward and its weight (repeatable): alignment, bright, dark, vivid, muted (colour), thick, "
                         "thin (strokes), upright, tilted (a rotation the classifier reads)")
+    t.add_argument("--keep", action="append", default=[], metavar="NAME",
+                   help="hold a reward (one of --reward's) as a constraint: it pulls only while a batch falls below "
+                        "the starting model's level, measured before training (repeatable; e.g. --keep alignment)")
+    t.add_argument("--keep-samples", type=int, default=256,
+                   help="samples of the training prompts that measure the kept rewards' floors")
     t.add_argument("--target", default="encoder", choices=("encoder", "denoiser", "encoder+denoiser"),
                    help="what trains: the text encoder (TextCraftor), the denoiser, or the encoder then the denoiser")
     t.add_argument("--grad-steps", default="5", metavar="K",
@@ -92,7 +97,7 @@ def tune_recipe(args: argparse.Namespace):
                           random_truncation=args.random_truncation, checkpoint=not args.no_checkpointing,
                           ema=args.ema, seed=args.seed)
     return TuneRecipe(rewards=parse_rewards(args.reward), target=args.target, train=config,
-                      lora_rank=args.lora_rank).validate()
+                      lora_rank=args.lora_rank, keep=tuple(args.keep), keep_samples=args.keep_samples).validate()
 
 
 def run_tune(args: argparse.Namespace, console: Console) -> int:
@@ -138,6 +143,7 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
     after = evaluate_tuning(result.testbed, rewards, held_set, per_prompt) if per_prompt else None
     record = {"tuned_from": args.model, "testbed": testbed.spec.name, "rewards": dict(recipe.rewards),
               "target": recipe.target, "settings": dataclasses.asdict(recipe.train), "lora_rank": recipe.lora_rank,
+              "floors": result.reports[0]["floors"],
               "stages": result.reports, "held_out": {"prompts": len(held), "per_prompt": per_prompt,
                                                      "before": before, "after": after},
               "previous": getattr(testbed, "record", None) if Path(args.model).is_dir() else None}
@@ -147,6 +153,8 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
     for report in result.reports:
         console.print(f"{report['stage']}: {report['steps']} updates in {report['seconds']:.0f} s, "
                       f"{report['trained_params']:,} weights trained, K = {report['grad_steps'] or 'all'}")
+    for name, floor in result.reports[0]["floors"].items():
+        console.print(f"kept {name} at or above {floor:.4f} (the starting model's level on the training prompts)")
     if before is not None:
         console.print(f"held-out prompts ({len(held)} x {per_prompt} samples, fixed seeds): before -> after")
         for key in before:

@@ -3,7 +3,9 @@
 `TuneRecipe` says which rewards with which weights, which part trains ("encoder", the default and
 TextCraftor proper; "denoiser"; or "encoder+denoiser": the encoder first, then the denoiser on the tuned
 and frozen encoder, as TextCraftor's README advises), and how (`RewardConfig`: steps, batch, learning
-rate, K sampler steps with gradients, random truncation, checkpointing, EMA). `tune` runs it as
+rate, K sampler steps with gradients, random truncation, checkpointing, EMA). Rewards named in `keep` are
+constraints, not objectives: their level on the original model is measured once before training
+(`reward_levels`) and each pulls only while a batch falls below it. `tune` runs it as
 `RewardFinetune` passes over captured graphs and returns the testbed with its tuned parts, whose
 weights keep the original classes' names (a LoRA trained on the denoiser is folded in).
 """
@@ -21,6 +23,7 @@ from fxpress.frontends.capture import capture
 from fxpress.passes.context import PassContext
 from fxpress.passes.pipeline import Pipeline
 from fxpress.passes.reward.finetune import RewardConfig, RewardFinetune
+from fxpress.passes.reward.levels import reward_levels
 from fxpress.passes.rewire.fuse import merged_state_dict
 from fxpress.passes.rewire.lora import InsertLoRA
 from fxpress.testbed.classifier import FactorClassifier
@@ -31,13 +34,16 @@ from fxpress.training.prompt_set import PromptSet
 
 TARGETS = ("encoder", "denoiser", "encoder+denoiser")
 LORA_BRANCH = "reward"
+LEVEL_SEED = 2 ** 31 - 1  # the floors' noise: one for every training seed, apart from the training draws
 
 
 @dataclass(frozen=True)
 class TuneRecipe:
     """Reward fine-tuning: `rewards` as (name, weight) pairs, the `target` part(s), the encoder stage's
     `train` settings and the denoiser stage's (`denoiser_train`, default: `train`'s), and for the denoiser
-    a LoRA of rank `lora_rank` on the layers `lora_targets` selects (0: every weight trains)."""
+    a LoRA of rank `lora_rank` on the layers `lora_targets` selects (0: every weight trains). Rewards named
+    in `keep` must not fall below the original model's level, measured on `keep_samples` training-prompt
+    samples; they pull only while a batch's mean is below it (the alignment constraint, as a hinge)."""
 
     rewards: tuple[tuple[str, float], ...] = (("alignment", 1.0),)
     target: str = "encoder"
@@ -45,6 +51,8 @@ class TuneRecipe:
     denoiser_train: RewardConfig | None = None
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = (r"to_(q|k|v|out\.0)",)
+    keep: tuple[str, ...] = ()
+    keep_samples: int = 256
 
     @property
     def stages(self) -> list[str]:
@@ -71,6 +79,12 @@ class TuneRecipe:
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise RecipeError(f"tune: lora_rank must be 0 (train every denoiser weight) or a positive rank, got "
                               f"{self.lora_rank!r}")
+        stray = [name for name in self.keep if name not in names]
+        if stray:
+            raise RecipeError(f"tune: keep names {stray}, which are not among the rewards {names}; a kept reward "
+                              "needs a weight (its strength below the floor)")
+        if isinstance(self.keep_samples, bool) or not isinstance(self.keep_samples, int) or self.keep_samples < 1:
+            raise RecipeError(f"tune: keep_samples must be a positive integer, got {self.keep_samples!r}")
         if self.lora_rank and "denoiser" not in self.stages:
             raise RecipeError("tune: lora_rank applies to the denoiser stage; set target to 'denoiser' or "
                               "'encoder+denoiser'")
@@ -107,12 +121,17 @@ def tune(testbed: Testbed, recipe: TuneRecipe, *, classifier: FactorClassifier |
          resume: bool = False) -> TuneResult:
     """Run `recipe` on `testbed` (training prompts: `prompts`, default the testbed's training split; the
     alignment reward's `classifier`: see `fxpress.testbed.tuning.reward_classifier`) and return the tuned
-    testbed. Checkpoints go under `checkpoint_dir` per stage; `resume` continues from them."""
+    testbed. Checkpoints go under `checkpoint_dir` per stage; `resume` continues from them. The floors of
+    the kept rewards (measured on the original, for every stage) are in each stage's report."""
     recipe = recipe.validate()
     rewards = make_rewards(testbed, dict(recipe.rewards), classifier)
     prompts = prompts if prompts is not None else prompt_set(testbed, prompt_split(testbed)[0])
     spec = sampler_spec(testbed)
     shape = (testbed.spec.channels, testbed.spec.resolution, testbed.spec.resolution)
+    if recipe.keep:
+        levels = reward_levels(rewards, spec, testbed.text_encoder, testbed.denoiser, prompts, shape,
+                               recipe.keep_samples, seed=LEVEL_SEED)
+        rewards = rewards.with_floors({name: levels[name] for name in recipe.keep})
     encoder, denoiser = copy.deepcopy(testbed.text_encoder), copy.deepcopy(testbed.denoiser)
     reports = []
     for stage in recipe.stages:
@@ -132,7 +151,7 @@ def tune(testbed: Testbed, recipe: TuneRecipe, *, classifier: FactorClassifier |
             components = {"text_encoder": encoder, "prompts": prompts}
         context = PassContext(components=components, checkpoint_dir=folder, resume=resume)
         tuned, report = Pipeline(passes).run(graph, context)
-        reports.append({"stage": stage, **report.passes[-1].details})
+        reports.append({"stage": stage, **report.passes[-1].details, "floors": dict(rewards.floors)})
         if stage == "encoder":
             encoder = tuned.module
         else:

@@ -14,6 +14,7 @@ from fxpress.ir.sampler import SamplerSpec, sample
 from fxpress.passes.context import PassContext
 from fxpress.passes.pipeline import Pipeline
 from fxpress.passes.reward.finetune import PromptSet, RewardConfig, RewardFinetune
+from fxpress.passes.reward.levels import reward_levels
 from fxpress.testbed.sampling import schedule
 from fxpress.training.prompt_set import encode_ids
 from fxpress.training.rewards import Brightness, WeightedRewards
@@ -75,6 +76,40 @@ def test_reward_finetune_moves_only_the_encoder_and_raises_the_reward():
     assert brightness(tuned.module, denoiser, prompts, spec) > original + 0.01
     details = report.passes[0].details
     assert details["grad_steps"] == 2 and set(details["rewards_last_batch"]) == {"bright"}
+
+
+def test_reward_levels_average_each_reward_over_the_prompts_in_turn():
+    graph, prompts, spec, denoiser = setup()
+    rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
+    noise = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        images = sample(spec, denoiser, noise, encode_ids(graph.module, prompts.input_ids[[0, 1, 2, 3, 0, 1]]),
+                        encode_ids(graph.module, prompts.unconditional))
+    expected = float(Brightness(1.0)(images).mean())
+    for batch in (4, 6):
+        got = reward_levels(rewards, spec, graph.module, denoiser, prompts, (3, 8, 8), samples=6, seed=3, batch=batch)
+        assert got["bright"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(RecipeError, match="samples"):
+        reward_levels(rewards, spec, graph.module, denoiser, prompts, (3, 8, 8), samples=0)
+
+
+def test_a_kept_reward_holds_its_floor_while_another_pulls_against_it():
+    graph, prompts, spec, denoiser = setup()
+    dark = {"dark": (Brightness(-1.0), 1.0)}
+    original = brightness(graph.module, denoiser, prompts, spec)
+
+    def tuned_brightness(rewards: WeightedRewards) -> float:
+        tune = RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(steps=12, batch=4, lr=3e-3, grad_steps=2))
+        tuned, _ = Pipeline([tune]).run(graph, PassContext(components={"denoiser": denoiser, "prompts": prompts}))
+        return brightness(tuned.module, denoiser, prompts, spec)
+
+    free = tuned_brightness(WeightedRewards(dark))
+    level = reward_levels(WeightedRewards({"bright": (Brightness(1.0), 1.0)}), spec, graph.module, denoiser,
+                          prompts, (3, 8, 8), samples=64)["bright"]
+    kept = tuned_brightness(WeightedRewards({**dark, "bright": (Brightness(1.0), 3.0)}, floors={"bright": level}))
+    print(f"brightness: original {original:.4f}, dark alone {free:.4f}, dark with bright kept {kept:.4f}")
+    assert free < original - 0.02
+    assert abs(kept - original) < 0.25 * (original - free)
 
 
 def test_reward_finetune_says_what_is_missing_or_wrong():

@@ -135,6 +135,58 @@ def test_weighted_rewards_make_the_negative_weighted_sum():
         style_reward("shiny")
 
 
+def test_a_floored_reward_pulls_only_below_its_floor():
+    images = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    level = float(Brightness(1.0)(images).mean().detach())
+    plain = WeightedRewards({"bright": (Brightness(1.0), 2.0), "vivid": (Saturation(1.0), 0.5)})
+
+    def loss_and_grad(rewards):
+        images.grad = None
+        loss, means = rewards.loss(images)
+        loss.backward()
+        return loss.detach(), images.grad.clone(), means
+
+    vivid = loss_and_grad(WeightedRewards({"vivid": (Saturation(1.0), 0.5)}))
+    above = loss_and_grad(plain.with_floors({"bright": level - 0.1}))  # above the floor: only vivid counts
+    assert torch.allclose(above[0], vivid[0]) and torch.allclose(above[1], vivid[1])
+    assert above[2]["bright"] == pytest.approx(level, abs=1e-6)  # still reported
+    below = loss_and_grad(plain.with_floors({"bright": level + 0.1}))  # below: the hinge -2 (mean - floor)
+    assert torch.allclose(below[0], vivid[0] - 2.0 * (level - (level + 0.1)), atol=1e-6)
+    assert torch.allclose(below[1], loss_and_grad(plain)[1], atol=1e-7)
+    assert plain.floors == {} and plain.with_floors({"bright": 0.0}).weights == plain.weights
+    with pytest.raises(FxpressError, match="not among the rewards"):
+        plain.with_floors({"dark": 0.0})
+    with pytest.raises(FxpressError, match="finite"):
+        WeightedRewards({"bright": (Brightness(1.0), 1.0)}, floors={"bright": float("inf")})
+
+
+def _hinge_on_two_ranks(rank: int, store: str, results: str) -> None:
+    """One of two gloo processes: its half of a batch of brightness 0.2 (rank 0) or 0.6 (rank 1)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        images = torch.full((2, 1, 4, 4), (0.2 if rank == 0 else 0.6) * 2 - 1, requires_grad=True)
+        rewards = WeightedRewards({"bright": (Brightness(1.0), 2.0)})
+        out = {}
+        for floor in (0.3, 0.5):  # the whole batch's mean 0.4 is above 0.3 and below 0.5
+            loss, _ = rewards.with_floors({"bright": floor}).loss(images)
+            out[str(floor)] = float(loss)
+        torch.save(out, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_the_floor_compares_with_the_whole_batch(tmp_path):
+    # rank 0 alone is below 0.3 and rank 1 alone above 0.5: a local decision would differ by rank
+    torch.multiprocessing.spawn(_hinge_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path / "out")),
+                                nprocs=2)
+    for rank, level in ((0, 0.2), (1, 0.6)):
+        out = torch.load(tmp_path / f"out.{rank}")
+        assert out["0.3"] == 0.0  # above the floor on the whole batch: no pull on either rank
+        assert out["0.5"] == pytest.approx(-2.0 * (level - 0.5), abs=1e-6)  # below: each rank's own hinge
+
+
 class TinyDenoiser(nn.Module):
     """A denoiser whose prediction depends on the sample, the timestep and the condition's mean."""
 

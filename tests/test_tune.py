@@ -11,10 +11,11 @@ import torch
 from fxpress.cli import main
 from fxpress.errors import FxpressError, RecipeError
 from fxpress.passes.reward.finetune import RewardConfig
+from fxpress.passes.reward.levels import reward_levels
 from fxpress.testbed.models import load_testbed
 from fxpress.testbed.tuned_folder import is_tuned_folder, load_tuned
-from fxpress.testbed.tuning import make_rewards, prompt_set, prompt_split, style_names
-from fxpress.tune import TuneRecipe, parse_rewards, tune
+from fxpress.testbed.tuning import make_rewards, prompt_set, prompt_split, sampler_spec, style_names
+from fxpress.tune import LEVEL_SEED, TuneRecipe, parse_rewards, tune
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,21 @@ def test_rewards_are_chosen_per_testbed_and_named_when_wrong(digits):
         TuneRecipe(lora_rank=4).validate()
     with pytest.raises(RecipeError, match="named twice"):
         TuneRecipe(rewards=(("thick", 1.0), ("thick", 2.0))).validate()
+    with pytest.raises(RecipeError, match="keep names \\['alignment'\\]"):
+        TuneRecipe(rewards=(("thick", 1.0),), keep=("alignment",)).validate()
+    with pytest.raises(RecipeError, match="keep_samples"):
+        TuneRecipe(keep=("alignment",), keep_samples=0).validate()
 
 
 def test_tune_encoder_then_denoiser_lora_leaves_the_input_and_keeps_the_classes(digits):
     before = {part: {k: v.clone() for k, v in m.state_dict().items()} for part, m in digits.parts().items()}
-    recipe = TuneRecipe(rewards=(("thick", 1.0),), target="encoder+denoiser", lora_rank=2,
-                        train=RewardConfig(steps=2, batch=2, lr=1e-3, grad_steps=2))
+    recipe = TuneRecipe(rewards=(("thick", 1.0), ("bright", 1.0)), target="encoder+denoiser", lora_rank=2,
+                        train=RewardConfig(steps=2, batch=2, lr=1e-3, grad_steps=2), keep=("bright",), keep_samples=8)
     result = tune(digits, recipe)
+    shape = (digits.spec.channels, digits.spec.resolution, digits.spec.resolution)
+    level = reward_levels(make_rewards(digits, {"bright": 1.0}), sampler_spec(digits), digits.text_encoder,
+                          digits.denoiser, prompt_set(digits, prompt_split(digits)[0]), shape, 8, seed=LEVEL_SEED)
+    assert [r["floors"] for r in result.reports] == [level, level]  # the original's level, for both stages
     for part, module in digits.parts().items():
         assert all(torch.equal(v, before[part][k]) for k, v in module.state_dict().items()), part
     assert [r["stage"] for r in result.reports] == ["encoder", "denoiser"]
@@ -108,6 +117,8 @@ def test_cli_tune_and_blend_refuse_bad_input_without_writing(tmp_path, capsys):
     assert "not a testbed model" in capsys.readouterr().err and not out.exists()
     assert main(["--quiet", "tune", "digits", "--reward", "bright=1", "--grad-steps", "0", "--out", str(out)]) == 2
     assert "--grad-steps" in capsys.readouterr().err
+    assert main(["--quiet", "tune", "digits", "--reward", "thick=1", "--keep", "alignment", "--out", str(out)]) == 2
+    assert "keep names ['alignment']" in capsys.readouterr().err and not out.exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -121,11 +132,13 @@ def test_cli_tune_and_blend_refuse_bad_input_without_writing(tmp_path, capsys):
 def test_one_reward_step_under_torchrun_matches_one_process(tmp_path):
     from torchrun import one_and_two_processes
 
-    one, two = one_and_two_processes(["tune", "testbed-digits-unet", "--reward", "thick=1", "--steps", "1",
+    # `bright` kept at the original's level: the hinge reads the mean over both processes' images
+    one, two = one_and_two_processes(["tune", "testbed-digits-unet", "--reward", "thick=1", "--reward", "bright=1",
+                                      "--keep", "bright", "--keep-samples", "8", "--steps", "1",
                                       "--batch", "4", "--grad-steps", "2", "--lr", "1e-3",
                                       "--eval-per-prompt", "0"], tmp_path)
     record = json.loads((two / "record.json").read_text())
-    assert record["stages"][0]["world_size"] == 2
+    assert record["stages"][0]["world_size"] == 2 and set(record["floors"]) == {"bright"}
     original = load_testbed("digits").text_encoder.state_dict()
     a, b = load_tuned(one).text_encoder.state_dict(), load_tuned(two).text_encoder.state_dict()
     diff = sum(float((a[k].double() - b[k].double()).square().sum()) for k in a)

@@ -9,7 +9,10 @@ statistic), so reward hacking shows up as a reward that rises while its evaluato
 prompt names. The style rewards ask for something no prompt names and come in opposite pairs:
 `Brightness` (bright / dark), `Saturation` (vivid / muted, colour images), `InkCoverage` (thick / thin
 strokes) and `AngleReward` (an angle no prompt names, such as a shape's rotation: upright / tilted, read by
-a classifier's angle head). `WeightedRewards` makes the loss −Σ wᵢ·mean(rᵢ).
+a classifier's angle head). `WeightedRewards` makes the loss −Σ wᵢ·mean(rᵢ); a reward given a floor is a
+constraint instead: its term is −wᵢ·min(mean(rᵢ) − floorᵢ, 0), so it pulls only while the batch's mean is
+below the floor (a hinge; TextCraftor's alignment "constraint" as a weighted objective keeps pulling where it
+is far from saturated, and takes the updates the style needs).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fxpress.errors import FxpressError
@@ -247,9 +251,11 @@ def style_reward(name: str) -> Reward:
 
 
 class WeightedRewards(nn.Module):
-    """Several rewards with weights: `loss` is −Σ wᵢ·mean(rᵢ); `scores` and `evaluate` report each one."""
+    """Several rewards with weights: `loss` is −Σ wᵢ·mean(rᵢ), where a reward with a floor (`floors`,
+    {name: value}) counts only below it: −wᵢ·min(mean(rᵢ) − floorᵢ, 0). `scores` and `evaluate` report each
+    one."""
 
-    def __init__(self, rewards: Mapping[str, tuple[Reward, float]]):
+    def __init__(self, rewards: Mapping[str, tuple[Reward, float]], floors: Mapping[str, float] | None = None):
         super().__init__()
         if not rewards:
             raise FxpressError("reward fine-tuning needs at least one reward (name=weight)")
@@ -258,18 +264,53 @@ class WeightedRewards(nn.Module):
                 raise FxpressError(f"reward {name!r}: the weight must be a finite number, got {weight}")
         self.rewards = nn.ModuleDict({name: reward for name, (reward, _) in rewards.items()})
         self.weights = {name: float(weight) for name, (_, weight) in rewards.items()}
+        self.floors = self._checked_floors(floors or {})
+
+    def _checked_floors(self, floors: Mapping[str, float]) -> dict[str, float]:
+        unknown = sorted(set(floors) - set(self.weights))
+        if unknown:
+            raise FxpressError(f"a floor is given for {unknown}, which is not among the rewards "
+                               f"{sorted(self.weights)}")
+        for name, value in floors.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise FxpressError(f"reward {name!r}: the floor must be a finite number, got {value!r}")
+        return {name: float(value) for name, value in floors.items()}
+
+    def with_floors(self, floors: Mapping[str, float]) -> WeightedRewards:
+        """Return the same rewards and weights with `floors` ({name: value}) added to this one's."""
+        weighted = {name: (reward, self.weights[name]) for name, reward in self.rewards.items()}
+        return WeightedRewards(weighted, {**self.floors, **floors})
 
     def scores(self, images: torch.Tensor, targets: Targets | None = None) -> dict[str, torch.Tensor]:
         """Return each reward's (N,) values."""
         return {name: reward(images, targets) for name, reward in self.rewards.items()}
 
     def loss(self, images: torch.Tensor, targets: Targets | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return (−Σ wᵢ·mean(rᵢ), each reward's batch mean)."""
+        """Return (−Σ wᵢ·term(rᵢ), each reward's batch mean); term is mean(rᵢ), or min(mean(rᵢ) − floorᵢ, 0)
+        for a floored reward. Under torchrun the floors compare with the mean over every process's images,
+        so the update is the one a single process with the whole batch makes."""
         scores = self.scores(images, targets)
-        total = -sum(self.weights[name] * value.mean() for name, value in scores.items())
-        return total, {name: float(value.detach().mean()) for name, value in scores.items()}
+        means = {name: value.mean() for name, value in scores.items()}
+        total = 0.0
+        for name, mean in means.items():
+            term = mean
+            if name in self.floors:
+                below = _global_mean(mean.detach()) < self.floors[name]
+                term = (mean - self.floors[name]) * float(below)
+            total = total - self.weights[name] * term
+        return total, {name: float(mean.detach()) for name, mean in means.items()}
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> dict[str, torch.Tensor]:
         """Return each reward's held-out evaluator values (N,)."""
         return {name: reward.evaluate(images, targets) for name, reward in self.rewards.items()}
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    """The mean of a scalar over every process (the value itself outside torchrun); every rank holds an
+    equal share of the batch, so this is the whole batch's mean."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    value = value.detach().double().reshape(1).clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
