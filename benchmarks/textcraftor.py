@@ -103,10 +103,13 @@ def config(args, seed: int, grad_steps: int | None = None) -> RewardConfig:
                         seed=seed)
 
 
-def run_tune(testbed, rewards: dict[str, float], target: str, cfg: RewardConfig, classifier):
+def run_tune(testbed, rewards: dict[str, float], target: str, cfg: RewardConfig, classifier, hinge: bool = False):
     began = time.perf_counter()
-    recipe = TuneRecipe(rewards=tuple(rewards.items()), target=target, train=cfg)
+    keep = ("alignment",) if hinge and "alignment" in rewards else ()
+    recipe = TuneRecipe(rewards=tuple(rewards.items()), target=target, train=cfg, keep=keep)
     result = tune(testbed, recipe, classifier=classifier)
+    if keep:
+        print("floors", result.reports[0]["floors"], flush=True)
     return result.testbed, round(time.perf_counter() - began, 1)
 
 
@@ -228,6 +231,7 @@ def run_testbed(args) -> None:
 
     print("base", record["base"], flush=True)
     both = {style: 1.0, "alignment": args.align_weight}
+    hinge = args.constraint == "hinge"
     tuned = {}
     sections = set(args.sections)
     seed0 = args.seeds[0]
@@ -240,12 +244,12 @@ def run_testbed(args) -> None:
         save()
 
     for seed in args.seeds:
-        add("encoder", seed, *run_tune(testbed, both, "encoder", config(args, seed), classifier))
+        add("encoder", seed, *run_tune(testbed, both, "encoder", config(args, seed), classifier, hinge))
         if "no-alignment" in sections:
             add("no alignment", seed, *run_tune(testbed, {style: 1.0}, "encoder", config(args, seed), classifier))
         if "den" in sections:
             den = dataclasses.replace(config(args, seed), lr=args.den_lr)
-            add("enc -> den", seed, *run_tune(tuned[("encoder", seed)], both, "denoiser", den, classifier))
+            add("enc -> den", seed, *run_tune(tuned[("encoder", seed)], both, "denoiser", den, classifier, hinge))
     if "quant" in sections:
         ids = held.input_ids
         for label, recipe, bits in (("4-bit", "uniform", 4.0), ("1.99-bit", "bitsfusion", 1.99)):
@@ -264,7 +268,7 @@ def run_testbed(args) -> None:
             if k == args.grad_steps:
                 continue
             try:
-                model, seconds = run_tune(testbed, both, "encoder", config(args, seed0, k), classifier)
+                model, seconds = run_tune(testbed, both, "encoder", config(args, seed0, k), classifier, hinge)
             except FxpressError as exc:  # K = 1 where the last step is the identity is refused: record why
                 k_runs[k] = {"refused": str(exc)}
                 print("K", k, "refused", exc, flush=True)
@@ -276,7 +280,7 @@ def run_testbed(args) -> None:
         save()
     if "interp" in sections:
         add("opposite", seed0, *run_tune(testbed, {opposite: 1.0, "alignment": args.align_weight}, "encoder",
-                                         config(args, seed0), classifier))
+                                         config(args, seed0), classifier, hinge))
         main_model, opposite_model = tuned[("encoder", seed0)], tuned[("opposite", seed0)]
         curves = {"weights: tuned <-> original": [], "weights: tuned <-> opposite": [],
                   "embeddings: tuned <-> original": []}
@@ -464,6 +468,8 @@ def main() -> None:
     parser.add_argument("--grad-steps", type=int, default=5)
     parser.add_argument("--k-table", type=int, nargs="+", default=[1, 2, 5, 0], help="0: every step")
     parser.add_argument("--align-weight", type=float, default=0.1)
+    parser.add_argument("--constraint", choices=("weight", "hinge"), default="weight",
+                        help="alignment as a weighted objective, or as a hinge at the original's level (--keep)")
     parser.add_argument("--per-prompt", type=int, default=16)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fxpress_textcraftor_cache"))
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fxpress.errors import FxpressError
+from fxpress.training.distributed import Distributed
 
 Targets = Mapping[str, torch.Tensor]  # factor name -> (N,) requested class, -1 where the prompt does not say
 
@@ -309,8 +310,6 @@ class WeightedRewards(nn.Module):
 def _global_mean(value: torch.Tensor) -> float:
     """The mean of a scalar over every process (the value itself outside torchrun); every rank holds an
     equal share of the batch, so this is the whole batch's mean."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return float(value)
-    value = value.detach().double().reshape(1).clone()
-    dist.all_reduce(value)
-    return float(value) / dist.get_world_size()
+    return Distributed(dist.get_rank(), dist.get_world_size(), value.device).mean(float(value))
