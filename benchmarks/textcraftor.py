@@ -354,7 +354,6 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
                 shown = label + (f" (tuned embeddings on the last {s['grad_steps']} steps only)" if mode else "")
                 if len(rows) != len(s["seeds"]):  # a run stopped early, or one seed by design (opposite)
                     shown += f", {len(rows)} seed{'s' if len(rows) > 1 else ''}"
-
                 lines.append(f"| {shown} | {fmt(cols[0])} | {fmt(cols[1])} | {fmt(cols[2], 3)} | {fmt(cols[3], 3)} |")
         enc = rec["runs"]["encoder"]
         gain = summary([r[style] - base[style] for r in enc])
