@@ -14,7 +14,14 @@ from fxpress.passes.reward.finetune import RewardConfig
 from fxpress.passes.reward.levels import reward_levels
 from fxpress.testbed.models import load_testbed
 from fxpress.testbed.tuned_folder import is_tuned_folder, load_tuned
-from fxpress.testbed.tuning import make_rewards, prompt_set, prompt_split, sampler_spec, style_names
+from fxpress.testbed.tuning import (
+    make_rewards,
+    prompt_set,
+    prompt_split,
+    reward_classifier,
+    sampler_spec,
+    style_names,
+)
 from fxpress.tune import LEVEL_SEED, TuneRecipe, parse_rewards, tune
 
 
@@ -61,6 +68,15 @@ def test_rewards_are_chosen_per_testbed_and_named_when_wrong(digits):
         TuneRecipe(rewards=(("thick", 1.0),), keep=("alignment",)).validate()
     with pytest.raises(RecipeError, match="keep_samples"):
         TuneRecipe(keep=("alignment",), keep_samples=0).validate()
+
+
+def test_reward_classifier_is_saved_into_a_new_folder_and_loaded_back(digits, tmp_path):
+    path = tmp_path / "new" / "deeper" / "classifier.safetensors"
+    trained = reward_classifier(digits, steps=2, path=path)
+    assert path.is_file() and not list(path.parent.glob("*.tmp"))
+    loaded = reward_classifier(digits, seed=7, path=path)  # read back, not retrained from another seed
+    for (name, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_tune_encoder_then_denoiser_lora_leaves_the_input_and_keeps_the_classes(digits):

@@ -98,6 +98,7 @@ def reward_classifier(testbed: Testbed, seed: int = 1, steps: int | None = None,
             train_classifier(dataclasses.replace(testbed, classifier=model), steps or spec.train["classifier_steps"],
                              seed)
         if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(path).with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
             tmp.replace(path)
