@@ -100,7 +100,7 @@ def with_parts(testbed: Testbed, **parts) -> Testbed:
 def config(args, seed: int, grad_steps: int | None = None) -> RewardConfig:
     k = args.grad_steps if grad_steps is None else grad_steps
     return RewardConfig(steps=args.steps, batch=args.batch, lr=args.lr, grad_steps=None if k == 0 else k,
-                        seed=seed)
+                        seed=seed, drift_limit=args.drift_limit, drift_weight=args.drift_weight)
 
 
 def run_tune(testbed, rewards: dict[str, float], target: str, cfg: RewardConfig, classifier, hinge: bool = False):
@@ -217,14 +217,30 @@ def run_testbed(args) -> None:
             out.update({f"late {k}": v for k, v in late.items()})
         return out
 
-    record = {"testbed": args.testbed, "style": style, "opposite": opposite,
-              "commands": ["python benchmarks/textcraftor.py " + " ".join(sys.argv[1:])],
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), "
-                         f"torch {torch.__version__}",
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "prompts": {"train": len(train), "held_out": len(held_prompts), "per_prompt": n},
-              "base": score(testbed), "runs": {}, "seconds": {}}
     out = RESULTS / f"textcraftor.{args.testbed}{'.' + args.tag if args.tag else ''}.json"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.append and set(args.sections) & {"k", "interp", "memory"}:
+        raise SystemExit("--append adds seeds to per-seed rows: give --sections among no-alignment den quant")
+    if args.append and out.is_file():  # more seeds of the same run: keep its rows, add these seeds' rows
+        record = json.loads(out.read_text())
+        skip = {"seeds", "append", "sections"}
+        differ = {k: (record["settings"].get(k), v) for k, v in settings.items()
+                  if k not in skip and record["settings"].get(k) != v}
+        if differ:
+            raise SystemExit(f"--append: {out.name} was run with other settings (old, new): {differ}")
+        clash = set(record["settings"]["seeds"]) & set(args.seeds)
+        if clash:
+            raise SystemExit(f"--append: {out.name} already holds seeds {sorted(clash)}")
+        record["settings"]["seeds"] += args.seeds
+        record["commands"].append("python benchmarks/textcraftor.py " + " ".join(sys.argv[1:]))
+    else:
+        record = {"testbed": args.testbed, "style": style, "opposite": opposite,
+                  "commands": ["python benchmarks/textcraftor.py " + " ".join(sys.argv[1:])],
+                  "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), "
+                             f"torch {torch.__version__}",
+                  "settings": settings,
+                  "prompts": {"train": len(train), "held_out": len(held_prompts), "per_prompt": n},
+                  "base": score(testbed), "runs": {}, "seconds": {}}
 
     def save():
         out.write_text(json.dumps(record, indent=1))
@@ -238,7 +254,7 @@ def run_testbed(args) -> None:
 
     def add(label: str, key, model, seconds: float) -> None:
         tuned[(label, key)] = model
-        record["runs"].setdefault(label, []).append(score(model))
+        record["runs"].setdefault(label, []).append({**score(model), "seed": key})
         record["seconds"][f"{label}/{key}"] = seconds
         print(label, key, seconds, record["runs"][label][-1], flush=True)
         save()
@@ -248,7 +264,7 @@ def run_testbed(args) -> None:
         if "no-alignment" in sections:
             add("no alignment", seed, *run_tune(testbed, {style: 1.0}, "encoder", config(args, seed), classifier))
         if "den" in sections:
-            den = dataclasses.replace(config(args, seed), lr=args.den_lr)
+            den = dataclasses.replace(config(args, seed), lr=args.den_lr, drift_limit=None)
             add("enc -> den", seed, *run_tune(tuned[("encoder", seed)], both, "denoiser", den, classifier, hinge))
     if "quant" in sections:
         ids = held.input_ids
@@ -258,8 +274,8 @@ def run_testbed(args) -> None:
             rows = []
             for seed in args.seeds:
                 q, achieved = quantized_encoder(tuned[("encoder", seed)].text_encoder, ids[:2], recipe, bits)
-                rows.append({**score(with_parts(testbed, text_encoder=q)), "bits": achieved})
-            record["runs"][f"encoder {label}"] = rows
+                rows.append({**score(with_parts(testbed, text_encoder=q)), "bits": achieved, "seed": seed})
+            record["runs"][f"encoder {label}"] = record["runs"].get(f"encoder {label}", []) + rows
             print(label, rows, flush=True)
             save()
     if "k" in sections:
@@ -300,6 +316,8 @@ def run_testbed(args) -> None:
     if "memory" in sections:
         record["memory"] = memory_table(args.testbed, style, args.batch, args.k_table)
         save()
+    if args.append:  # the grid and the total time belong to the first seeds' run
+        return
     grid_prompts = prompt_set(testbed, held_prompts[:8])
     shown = {"original": testbed, **{f"{label}" if label != "opposite" else f"encoder ({opposite})": model
                                      for (label, key), model in tuned.items() if key == seed0}}
@@ -363,6 +381,15 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
                       f"(σ_seed {sd:.4f}); evaluator change "
                       f"{summary([r[style + '/eval'] - base[style + '/eval'] for r in enc])[0]:+.4f}; accuracy "
                       f"change {-acc_drop * 100:+.1f} points."]
+        for label, rows in rec["runs"].items():  # the tagged runs of the encoder alone, each on its own line
+            if label.startswith("encoder ("):
+                gains = [r[style] - base[style] for r in rows]
+                mean, spread = summary(gains)
+                accuracy = [r["accuracy"] - base["accuracy"] for r in rows]
+                ratio = f"{mean / spread:.1f} σ_seed (σ_seed {spread:.4f}, " if len(rows) > 1 else "no σ ("
+                lines.append(f"{label}: gain {mean:+.4f} = {ratio}{len(rows)} seed(s); per seed "
+                             f"{', '.join(f'{g:+.4f}' for g in gains)}); accuracy change "
+                             f"{statistics.fmean(accuracy) * 100:+.1f} points (worst seed {min(accuracy) * 100:+.1f}).")
         if "late " + style in enc[0] and s["grad_steps"]:
             late_gain = summary([r["late " + style] - base[style] for r in enc])
             late_sd = summary([r["late " + style] for r in enc])[1]
@@ -380,8 +407,9 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
             rows = rec["runs"].get(f"encoder {label}")
             if not rows:
                 continue
-            kept = [(q[style] - base[style]) / (r[style] - base[style]) for q, r in zip(rows, enc)]
-            kept_q = [(q[style] - rec[f"base {label}"][style]) / (r[style] - base[style]) for q, r in zip(rows, enc)]
+            pairs = _same_seeds(rows, enc)
+            kept = [(q[style] - base[style]) / (r[style] - base[style]) for q, r in pairs]
+            kept_q = [(q[style] - rec[f"base {label}"][style]) / (r[style] - base[style]) for q, r in pairs]
             lines.append(f"- encoder at {label} ({statistics.fmean(q['bits'] for q in rows):.2f} bits per weight): "
                          f"keeps {statistics.fmean(kept) * 100:.0f}% of the gain against the float original "
                          f"(per seed {', '.join(f'{k * 100:.0f}%' for k in kept)}); "
@@ -428,9 +456,16 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
         (RESULTS / f"textcraftor_{name}_grid.png").write_bytes(grid_png(panels, len(prompts), 4, labels=prompts))
 
 
+def _same_seeds(rows: list[dict], enc: list[dict]) -> list[tuple[dict, dict]]:
+    """Pair each quantized row with its float encoder's row: by seed where rows name it, else in order."""
+    by_seed = {r["seed"]: r for r in enc if "seed" in r}
+    return [(q, by_seed[q["seed"]]) if "seed" in q and q["seed"] in by_seed else (q, r) for q, r in zip(rows, enc)]
+
+
 def _changed(rec: dict, more: dict) -> str:
     """The settings a tagged run changed against the main one."""
-    skip = {"tag", "sections", "seeds", "combine"}
+    skip = {"tag", "sections", "seeds", "combine", "append"} | ({"drift_weight"} if more["settings"].get("drift_limit")
+                                                                 is None else set())
     return ", ".join(f"{k} {v}" for k, v in more["settings"].items()
                      if k not in skip and rec["settings"].get(k) != v) or "same settings"
 
@@ -472,10 +507,15 @@ def main() -> None:
     parser.add_argument("--align-weight", type=float, default=0.1)
     parser.add_argument("--constraint", choices=("weight", "hinge"), default="weight",
                         help="alignment as a weighted objective, or as a hinge at the original's level (--keep)")
+    parser.add_argument("--drift-limit", type=float, default=None,
+                        help="trust region of the encoder stage: relative distance of the embeddings allowed")
+    parser.add_argument("--drift-weight", type=float, default=100.0)
+    parser.add_argument("--append", action="store_true",
+                        help="add --seeds to the existing record of the same settings and --tag (a run over sessions)")
     parser.add_argument("--per-prompt", type=int, default=16)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fxpress_textcraftor_cache"))
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
-                        help="what to run besides the encoder tuning itself")
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="what to run besides the encoder tuning itself (none: the encoder alone)")
     parser.add_argument("--tag", default="", help="write textcraftor.<testbed>.<tag>.json: a further run whose "
                                                    "rows --combine adds to the testbed's table")
     parser.add_argument("--combine", nargs="+", default=None)

@@ -39,6 +39,10 @@ def add_tune_parsers(sub, console: Console) -> None:
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--ema", type=float, default=None, help="EMA decay of the trained weights (default: off)")
+    t.add_argument("--drift-limit", type=float, default=None, metavar="D",
+                   help="encoder stage: a trust region; past a relative distance D (0.15: 15%%) between the tuned "
+                        "and the original embeddings a penalty pulls back (default: off)")
+    t.add_argument("--drift-weight", type=float, default=100.0, help="the trust region penalty's weight")
     t.add_argument("--lora-rank", type=int, default=0,
                    help="denoiser stage: train a LoRA of this rank (folded in when written) instead of every weight")
     t.add_argument("--eval-per-prompt", type=int, default=8,
@@ -95,7 +99,7 @@ def tune_recipe(args: argparse.Namespace):
 
     config = RewardConfig(steps=args.steps, batch=args.batch, lr=args.lr, grad_steps=_grad_steps(args.grad_steps),
                           random_truncation=args.random_truncation, checkpoint=not args.no_checkpointing,
-                          ema=args.ema, seed=args.seed)
+                          ema=args.ema, seed=args.seed, drift_limit=args.drift_limit, drift_weight=args.drift_weight)
     return TuneRecipe(rewards=parse_rewards(args.reward), target=args.target, train=config,
                       lora_rank=args.lora_rank, keep=tuple(args.keep), keep_samples=args.keep_samples).validate()
 
@@ -153,6 +157,10 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
     for report in result.reports:
         console.print(f"{report['stage']}: {report['steps']} updates in {report['seconds']:.0f} s, "
                       f"{report['trained_params']:,} weights trained, K = {report['grad_steps'] or 'all'}")
+        if report.get("drift_last_batch") is not None:
+            limit = report["drift_limit"]
+            console.print(f"  the tuned embeddings sit {report['drift_last_batch']:.1%} from the original's (last "
+                          f"batch; {'limit ' + format(limit, '.1%') if limit is not None else 'no limit'})")
     for name, floor in result.reports[0]["floors"].items():
         console.print(f"kept {name} at or above {floor:.4f} (the starting model's level on the training prompts)")
     if before is not None:

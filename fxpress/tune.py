@@ -13,6 +13,7 @@ weights keep the original classes' names (a LoRA trained on the denoiser is fold
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,15 @@ class TuneRecipe:
         """The parts trained, in order."""
         return self.target.split("+")
 
+    @property
+    def denoiser_config(self) -> RewardConfig:
+        """The denoiser stage's settings: `denoiser_train`, else `train`'s less the encoder's trust region."""
+        if self.denoiser_train is not None:
+            return self.denoiser_train
+        if self.target == "denoiser":
+            return self.train
+        return dataclasses.replace(self.train, drift_limit=None)
+
     def validate(self) -> TuneRecipe:
         """Return self, or raise RecipeError naming the first invalid field."""
         if self.target not in TARGETS:
@@ -85,6 +95,9 @@ class TuneRecipe:
                               "needs a weight (its strength below the floor)")
         if isinstance(self.keep_samples, bool) or not isinstance(self.keep_samples, int) or self.keep_samples < 1:
             raise RecipeError(f"tune: keep_samples must be a positive integer, got {self.keep_samples!r}")
+        if "denoiser" in self.stages and self.denoiser_config.drift_limit is not None:
+            raise RecipeError("tune: drift_limit bounds the tuned encoder's embeddings; the denoiser stage keeps "
+                              "the encoder frozen, so its settings need drift_limit=None")
         if self.lora_rank and "denoiser" not in self.stages:
             raise RecipeError("tune: lora_rank applies to the denoiser stage; set target to 'denoiser' or "
                               "'encoder+denoiser'")
@@ -142,7 +155,7 @@ def tune(testbed: Testbed, recipe: TuneRecipe, *, classifier: FactorClassifier |
             components = {"denoiser": denoiser, "prompts": prompts}
         else:
             graph = capture(denoiser, (), noisy_inputs(testbed, [500], 0)[0])
-            config = recipe.denoiser_train or recipe.train
+            config = recipe.denoiser_config
             passes = [RewardFinetune(rewards, spec, shape, config, target="denoiser")]
             if recipe.lora_rank:
                 passes = [InsertLoRA(list(recipe.lora_targets), rank=recipe.lora_rank, name=LORA_BRANCH,

@@ -18,6 +18,7 @@ from fxpress.passes.reward.levels import reward_levels
 from fxpress.testbed.sampling import schedule
 from fxpress.training.prompt_set import encode_ids
 from fxpress.training.rewards import Brightness, WeightedRewards
+from fxpress.training.trust_region import relative_drift
 
 WIDTH, LENGTH = 16, 4
 
@@ -78,6 +79,29 @@ def test_reward_finetune_moves_only_the_encoder_and_raises_the_reward():
     assert details["grad_steps"] == 2 and set(details["rewards_last_batch"]) == {"bright"}
 
 
+def test_a_drift_limit_keeps_the_tuned_embeddings_near_the_original_and_the_reward_still_rises():
+    graph, prompts, spec, denoiser = setup()
+    rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
+    ids = torch.cat([prompts.input_ids, prompts.unconditional])
+    original = encode_ids(graph.module, ids)
+
+    def run(limit):
+        config = RewardConfig(steps=12, batch=4, lr=3e-3, grad_steps=2, drift_limit=limit)
+        tuned, report = Pipeline([RewardFinetune(rewards, spec, (3, 8, 8), config)]).run(
+            graph, PassContext(components={"denoiser": denoiser, "prompts": prompts}))
+        with torch.no_grad():
+            distance = float(relative_drift(encode_ids(tuned.module, ids), original).sqrt())
+        return distance, report.passes[0].details, brightness(tuned.module, denoiser, prompts, spec)
+
+    free, bounded = run(None), run(0.3)
+    print(f"relative distance: free {free[0]:.3f}, limit 0.3 {bounded[0]:.3f}; brightness {free[2]:.3f}, "
+          f"{bounded[2]:.3f}")
+    assert free[0] > 1.0 and bounded[0] < 0.4  # the walk is held near the limit, not at 1.3
+    assert bounded[2] > brightness(graph.module, denoiser, prompts, spec) + 0.05  # and still moves the reward
+    assert bounded[1]["drift_limit"] == 0.3 and 0.2 < bounded[1]["drift_last_batch"] < 0.4
+    assert free[1]["drift_limit"] is None and free[1]["drift_last_batch"] > 1.0
+
+
 def test_reward_levels_average_each_reward_over_the_prompts_in_turn():
     graph, prompts, spec, denoiser = setup()
     rewards = WeightedRewards({"bright": (Brightness(1.0), 1.0)})
@@ -122,6 +146,11 @@ def test_reward_finetune_says_what_is_missing_or_wrong():
         Pipeline([tune]).run(graph, PassContext(components={"denoiser": denoiser}))
     with pytest.raises(RecipeError, match="grad_steps"):
         RewardConfig(grad_steps=0).validate()
+    for bad in ({"drift_limit": -0.1}, {"drift_limit": float("nan")}, {"drift_weight": 0.0}):
+        with pytest.raises(RecipeError, match="drift_"):
+            RewardConfig(**bad).validate()
+    with pytest.raises(RecipeError, match="frozen encoder"):
+        RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(drift_limit=0.1), target="denoiser")
     last_only = RewardFinetune(rewards, spec, (3, 8, 8), RewardConfig(steps=1, batch=2, grad_steps=1))
     with pytest.raises(PassError, match="no gradient would reach"):  # DDIM's last step from t = 0 is the identity
         Pipeline([last_only]).run(graph, PassContext(components={"denoiser": denoiser, "prompts": prompts}))

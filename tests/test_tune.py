@@ -68,6 +68,13 @@ def test_rewards_are_chosen_per_testbed_and_named_when_wrong(digits):
         TuneRecipe(rewards=(("thick", 1.0),), keep=("alignment",)).validate()
     with pytest.raises(RecipeError, match="keep_samples"):
         TuneRecipe(keep=("alignment",), keep_samples=0).validate()
+    bounded = RewardConfig(drift_limit=0.1)
+    both = TuneRecipe(target="encoder+denoiser", train=bounded).validate()  # the denoiser stage drops the limit
+    assert both.train.drift_limit == 0.1 and both.denoiser_config.drift_limit is None
+    for recipe in (TuneRecipe(target="denoiser", train=bounded),
+                   TuneRecipe(target="encoder+denoiser", denoiser_train=bounded)):
+        with pytest.raises(RecipeError, match="drift_limit bounds the tuned encoder"):
+            recipe.validate()
 
 
 def test_reward_classifier_is_saved_into_a_new_folder_and_loaded_back(digits, tmp_path):
@@ -102,13 +109,15 @@ def test_tune_encoder_then_denoiser_lora_leaves_the_input_and_keeps_the_classes(
 def test_cli_tune_writes_a_folder_that_loads_compresses_and_blends(tmp_path, capsys):
     out = tmp_path / "thick"
     assert main(["--quiet", "tune", "testbed-digits-unet", "--reward", "thick=1", "--steps", "2", "--batch", "2",
-                 "--grad-steps", "2", "--lr", "1e-3", "--eval-per-prompt", "1", "--out", str(out)]) == 0
+                 "--grad-steps", "2", "--lr", "1e-3", "--eval-per-prompt", "1", "--drift-limit", "0.5",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert "thick/eval" in printed.out and "accuracy" in printed.out
     assert "Writing model shards" not in printed.err + printed.out
     assert is_tuned_folder(out)
     record = json.loads((out / "record.json").read_text())
     assert record["rewards"] == {"thick": 1.0} and record["held_out"]["prompts"] == 3
+    assert record["settings"]["drift_limit"] == 0.5 and record["stages"][0]["drift_last_batch"] > 0
     tuned, original = load_tuned(out), load_testbed("digits")
     moved = [k for k, v in tuned.text_encoder.state_dict().items()
              if not torch.equal(v, original.text_encoder.state_dict()[k])]
@@ -135,6 +144,9 @@ def test_cli_tune_and_blend_refuse_bad_input_without_writing(tmp_path, capsys):
     assert "--grad-steps" in capsys.readouterr().err
     assert main(["--quiet", "tune", "digits", "--reward", "thick=1", "--keep", "alignment", "--out", str(out)]) == 2
     assert "keep names ['alignment']" in capsys.readouterr().err and not out.exists()
+    assert main(["--quiet", "tune", "digits", "--reward", "thick=1", "--target", "denoiser", "--drift-limit", "0.1",
+                 "--out", str(out)]) == 2
+    assert "drift_limit bounds the tuned encoder" in capsys.readouterr().err and not out.exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

@@ -90,3 +90,11 @@ class Distributed:
 def unwrap(model: nn.Module) -> nn.Module:
     """Return the module inside a DDP wrapper (or the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def global_mean(value: torch.Tensor) -> float:
+    """The mean of a scalar over every process (the value itself outside torchrun); where every rank holds
+    an equal share of the batch, this is the whole batch's mean."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    return Distributed(dist.get_rank(), dist.get_world_size(), value.device).mean(float(value))

@@ -21,11 +21,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fxpress.errors import FxpressError
-from fxpress.training.distributed import Distributed
+from fxpress.training.distributed import global_mean
 
 Targets = Mapping[str, torch.Tensor]  # factor name -> (N,) requested class, -1 where the prompt does not say
 
@@ -296,7 +295,7 @@ class WeightedRewards(nn.Module):
         for name, mean in means.items():
             term = mean
             if name in self.floors:
-                below = _global_mean(mean.detach()) < self.floors[name]
+                below = global_mean(mean.detach()) < self.floors[name]
                 term = (mean - self.floors[name]) * float(below)
             total = total - self.weights[name] * term
         return total, {name: float(mean.detach()) for name, mean in means.items()}
@@ -305,11 +304,3 @@ class WeightedRewards(nn.Module):
     def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> dict[str, torch.Tensor]:
         """Return each reward's held-out evaluator values (N,)."""
         return {name: reward.evaluate(images, targets) for name, reward in self.rewards.items()}
-
-
-def _global_mean(value: torch.Tensor) -> float:
-    """The mean of a scalar over every process (the value itself outside torchrun); every rank holds an
-    equal share of the batch, so this is the whole batch's mean."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    return Distributed(dist.get_rank(), dist.get_world_size(), value.device).mean(float(value))

@@ -18,6 +18,7 @@ resume, torchrun, EMA).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +36,16 @@ from fxpress.training.loop import EMA, step_generator
 from fxpress.training.prompt_set import PromptSet, encode_ids
 from fxpress.training.reward_sampling import check_grad_steps, draw_grad_steps, moving_steps, truncated_sample
 from fxpress.training.rewards import WeightedRewards
+from fxpress.training.trust_region import drift_penalty, relative_drift
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     """How the model tunes: steps, global batch, learning rate, K = sampler steps with gradients (None:
     all), `random_truncation` (K drawn from 1..K per update, AlignProp), checkpointing, EMA decay (None:
-    off) and the seed of prompts and noise."""
+    off), the seed of prompts and noise, and for the encoder a trust region: past a relative distance
+    `drift_limit` (None: off) between the tuned and the original embeddings, a penalty of weight
+    `drift_weight` pulls back (`training.trust_region`)."""
 
     steps: int = 100
     batch: int = 8
@@ -51,6 +55,8 @@ class RewardConfig:
     checkpoint: bool = True
     ema: float | None = None
     seed: int = 0
+    drift_limit: float | None = None
+    drift_weight: float = 100.0
 
     def validate(self) -> RewardConfig:
         """Return self, or raise RecipeError naming the first invalid field."""
@@ -66,6 +72,13 @@ class RewardConfig:
             raise RecipeError(f"reward fine-tuning: {exc}") from exc
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise RecipeError(f"reward fine-tuning: ema must be a decay in (0, 1) or None, got {self.ema!r}")
+        if self.drift_limit is not None and not (isinstance(self.drift_limit, (int, float))
+                                                 and math.isfinite(self.drift_limit) and self.drift_limit >= 0):
+            raise RecipeError("reward fine-tuning: drift_limit must be a relative distance >= 0 (0.1: 10%) or None, "
+                              f"got {self.drift_limit!r}")
+        if not (isinstance(self.drift_weight, (int, float)) and math.isfinite(self.drift_weight)
+                and self.drift_weight > 0):
+            raise RecipeError(f"reward fine-tuning: drift_weight must be a positive number, got {self.drift_weight!r}")
         return self
 
 
@@ -86,6 +99,9 @@ class RewardFinetune(TrainingPass):
                  config: RewardConfig | None = None, target: str = "encoder", branches: tuple[str, ...] = ()):
         if target not in TARGETS:
             raise RecipeError(f"reward fine-tuning: target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if target != "encoder" and config is not None and config.drift_limit is not None:
+            raise RecipeError("reward fine-tuning: drift_limit bounds the tuned encoder's embeddings; the "
+                              f"{target} is tuned on a frozen encoder, so leave it None")
         if branches and target != "denoiser":
             raise RecipeError("reward fine-tuning: branches are trained on the denoiser; set target='denoiser'")
         self.rewards, self.sampler, self.shape = rewards, sampler, tuple(int(s) for s in shape)
@@ -127,6 +143,7 @@ class RewardFinetune(TrainingPass):
         frozen_part.eval().requires_grad_(False)
         self.rewards.eval().requires_grad_(False)
         last: dict[str, float] = {}
+        drifts: list[float] = []
 
         def make_loss(model, ctx):
             def loss_fn(step: int) -> torch.Tensor:
@@ -151,6 +168,11 @@ class RewardFinetune(TrainingPass):
                                           checkpoint=cfg.checkpoint)
                 loss, means = self.rewards.loss(images, targets)
                 last.update(means)
+                if tuning_encoder:
+                    drift = 0.5 * (relative_drift(cond, frozen) + relative_drift(uncond, frozen_uncond))
+                    drifts.append(float(drift.detach()))
+                    if cfg.drift_limit is not None:
+                        loss = loss + drift_penalty(drift, cfg.drift_limit, cfg.drift_weight)
                 return loss
             return loss_fn
 
@@ -165,4 +187,6 @@ class RewardFinetune(TrainingPass):
                                         "trained_params": sum(p.numel() for p in params),
                                         "grad_steps": cfg.grad_steps,
                                         "random_truncation": cfg.random_truncation,
-                                        "rewards_last_batch": dict(last), "weights": self.rewards.weights})
+                                        "rewards_last_batch": dict(last), "weights": self.rewards.weights,
+                                        "drift_limit": cfg.drift_limit,
+                                        "drift_last_batch": math.sqrt(drifts[-1]) if drifts else None})
