@@ -198,7 +198,7 @@ def summary(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_testbed(args) -> None:
+def run_testbed(args, defaults: dict) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     began = time.perf_counter()
     testbed = load_testbed(args.testbed)
@@ -219,19 +219,20 @@ def run_testbed(args) -> None:
 
     out = RESULTS / f"textcraftor.{args.testbed}{'.' + args.tag if args.tag else ''}.json"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.append:  # seeds are named as they finish
+        settings["seeds"] = []
     if args.append and set(args.sections) & {"k", "interp", "memory"}:
         raise SystemExit("--append adds seeds to per-seed rows: give --sections among no-alignment den quant")
     if args.append and out.is_file():  # more seeds of the same run: keep its rows, add these seeds' rows
         record = json.loads(out.read_text())
         skip = {"seeds", "append", "sections"}
-        differ = {k: (record["settings"].get(k), v) for k, v in settings.items()
-                  if k not in skip and record["settings"].get(k) != v}
+        old = {**defaults, **record["settings"]}  # a record older than an option ran with its default
+        differ = {k: (old.get(k), v) for k, v in settings.items() if k not in skip and old.get(k) != v}
         if differ:
             raise SystemExit(f"--append: {out.name} was run with other settings (old, new): {differ}")
         clash = set(record["settings"]["seeds"]) & set(args.seeds)
         if clash:
             raise SystemExit(f"--append: {out.name} already holds seeds {sorted(clash)}")
-        record["settings"]["seeds"] += args.seeds
         record["commands"].append("python benchmarks/textcraftor.py " + " ".join(sys.argv[1:]))
     else:
         record = {"testbed": args.testbed, "style": style, "opposite": opposite,
@@ -255,6 +256,8 @@ def run_testbed(args) -> None:
     def add(label: str, key, model, seconds: float) -> None:
         tuned[(label, key)] = model
         record["runs"].setdefault(label, []).append({**score(model), "seed": key})
+        if args.append and label == "encoder":  # the record names the seeds it holds, should this run stop
+            record["settings"]["seeds"].append(key)
         record["seconds"][f"{label}/{key}"] = seconds
         print(label, key, seconds, record["runs"][label][-1], flush=True)
         save()
@@ -524,7 +527,7 @@ def main() -> None:
     if args.combine:
         combine(args.combine, args.cache, args.notes)
     elif args.testbed:
-        run_testbed(args)
+        run_testbed(args, {k: parser.get_default(k) for k in vars(args)})
     else:
         parser.error("give --testbed or --combine")
 
