@@ -1,9 +1,9 @@
 """A trust region on the conditioning: keep a tuned text encoder's embeddings near the original encoder's.
 
 Reward gradients through a sampler are noisy, and Adam moves every weight by about the learning rate per
-update whatever the signal, so the encoder random-walks. Most walks stay harmless; some leave the region
-the frozen denoiser was trained on and the samples break. The penalty pulls back only past a distance the
-user allows, so the mean shift the reward asks for is not held back inside it.
+update whatever the signal, so the encoder random-walks. Most walks stay harmless; some break the samples
+(on the shapes testbed one seed in three; `benchmarks/results/textcraftor.md`). The penalty pulls back only
+past a distance the user allows, so inside it the reward's pull is not held back.
 """
 
 from __future__ import annotations
