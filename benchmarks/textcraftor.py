@@ -199,6 +199,8 @@ def summary(values: list[float]) -> tuple[float, float]:
 
 
 def run_testbed(args, defaults: dict) -> None:
+    if args.append and set(args.sections) & {"k", "interp", "memory"}:
+        raise SystemExit("--append adds seeds to per-seed rows: give --sections among no-alignment den quant")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     began = time.perf_counter()
     testbed = load_testbed(args.testbed)
@@ -221,8 +223,6 @@ def run_testbed(args, defaults: dict) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     if args.append:  # seeds are named as they finish
         settings["seeds"] = []
-    if args.append and set(args.sections) & {"k", "interp", "memory"}:
-        raise SystemExit("--append adds seeds to per-seed rows: give --sections among no-alignment den quant")
     if args.append and out.is_file():  # more seeds of the same run: keep its rows, add these seeds' rows
         record = json.loads(out.read_text())
         skip = {"seeds", "append", "sections"}
