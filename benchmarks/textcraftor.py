@@ -1,8 +1,10 @@
 """Benchmark: TextCraftor reward fine-tuning on the digits and shapes testbeds (PAPERS.md §4, issue 22).
 
-Per testbed, a style reward no prompt asks for (digits: `thick` strokes; shapes: `upright` rotation; the
-shapes denoiser never saw other colours than its palette's, so colour styles can only be hacked there) and
-its opposite (`thin`, `tilted`) for interpolation, with the alignment reward (log-probability of the named
+Per testbed, a style reward no prompt asks for (digits: `thick` strokes; shapes: `upright` rotation, or
+`warm` with --unsaid colour: a palette among the colours the denoiser saw, on prompts that leave the colour
+unsaid; with every factor named, the shapes denoiser has no other colours than its palette's, so a colour
+style can only be hacked there) and its opposite (`thin`, `tilted`, `cool`) for interpolation, with the
+alignment reward (log-probability of the named
 factors under a second classifier; the testbed's committed classifier judges accuracy) as the constraint:
 
   encoder        the text encoder tuned on style + alignment (TextCraftor), seeds --seeds
@@ -14,8 +16,9 @@ factors under a second classifier; the testbed's committed classifier judges acc
   interpolation  weight space (tuned <-> original, tuned <-> opposite) and embedding space (w e_tuned +
                  (1 - w) e_orig at every step) for w in 0, 0.25, ..., 1: reward and Spearman rho
 
-Everything is measured on the held-out prompts (every third caption naming all factors) with fixed noise
-seeds. Mean ± σ over training seeds.
+Everything is measured on the held-out prompts (every third caption naming all factors, or all but those
+--unsaid names) with fixed noise seeds. Mean ± σ over training seeds. A run of another style or --unsaid
+under a --tag is a record of its own: --combine digits shapes shapes.<tag>.
 
 Run: .venv/bin/python benchmarks/textcraftor.py --testbed digits   (then --testbed shapes; then --combine)
 Writes benchmarks/results/textcraftor.<testbed>.json, and with --combine textcraftor.md and textcraftor.png.
@@ -55,6 +58,7 @@ from fxpress.testbed.tuning import (  # noqa: E402
     prompt_set,
     prompt_split,
     reward_classifier,
+    sample_accuracy,
     sampler_spec,
 )
 from fxpress.training.blend import blend_weights, blended_sample  # noqa: E402
@@ -103,11 +107,12 @@ def config(args, seed: int, grad_steps: int | None = None) -> RewardConfig:
                         seed=seed, drift_limit=args.drift_limit, drift_weight=args.drift_weight)
 
 
-def run_tune(testbed, rewards: dict[str, float], target: str, cfg: RewardConfig, classifier, hinge: bool = False):
+def run_tune(testbed, rewards: dict[str, float], target: str, cfg: RewardConfig, classifier, prompts,
+             hinge: bool = False):
     began = time.perf_counter()
     keep = ("alignment",) if hinge and "alignment" in rewards else ()
     recipe = TuneRecipe(rewards=tuple(rewards.items()), target=target, train=cfg, keep=keep)
-    result = tune(testbed, recipe, classifier=classifier)
+    result = tune(testbed, recipe, classifier=classifier, prompts=prompts)
     if keep:
         print("floors", result.reports[0]["floors"], flush=True)
     return result.testbed, round(time.perf_counter() - began, 1)
@@ -207,8 +212,8 @@ def run_testbed(args, defaults: dict) -> None:
     style, opposite = args.style or STYLES[args.testbed][0], args.opposite or STYLES[args.testbed][1]
     args.cache.mkdir(parents=True, exist_ok=True)
     classifier = reward_classifier(testbed, path=args.cache / f"{args.testbed}_reward_classifier.safetensors")
-    train, held_prompts = prompt_split(testbed)
-    held = prompt_set(testbed, held_prompts)
+    train, held_prompts = prompt_split(testbed, args.unsaid)
+    held, train_set = prompt_set(testbed, held_prompts), prompt_set(testbed, train)
     scorer = make_rewards(testbed, {style: 1.0, "alignment": 1.0}, classifier)
     n = args.per_prompt
 
@@ -218,6 +223,16 @@ def run_testbed(args, defaults: dict) -> None:
             late = embedding_blend_eval(testbed, tb.text_encoder, scorer, held, n, 1.0, args.grad_steps, tb.denoiser)
             out.update({f"late {k}": v for k, v in late.items()})
         return out
+
+    named = prompt_set(testbed, prompt_split(testbed)[1]) if args.unsaid else None  # every factor named
+
+    def named_accuracy(tb) -> dict[str, float]:
+        """Accuracy on the held-out prompts that name every factor (4 samples each): does a style tuned
+        where a factor is unsaid leave the prompts that name it alone?"""
+        if named is None:
+            return {}
+        images, targets = generate(tb, named, 4)
+        return {"named accuracy": sample_accuracy(tb, images, targets)}
 
     out = RESULTS / f"textcraftor.{args.testbed}{'.' + args.tag if args.tag else ''}.json"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -241,7 +256,7 @@ def run_testbed(args, defaults: dict) -> None:
                              f"torch {torch.__version__}",
                   "settings": settings,
                   "prompts": {"train": len(train), "held_out": len(held_prompts), "per_prompt": n},
-                  "base": score(testbed), "runs": {}, "seconds": {}}
+                  "base": {**score(testbed), **named_accuracy(testbed)}, "runs": {}, "seconds": {}}
 
     def save():
         out.write_text(json.dumps(record, indent=1))
@@ -255,7 +270,8 @@ def run_testbed(args, defaults: dict) -> None:
 
     def add(label: str, key, model, seconds: float) -> None:
         tuned[(label, key)] = model
-        record["runs"].setdefault(label, []).append({**score(model), "seed": key})
+        row = {**score(model), **(named_accuracy(model) if label == "encoder" else {}), "seed": key}
+        record["runs"].setdefault(label, []).append(row)
         if args.append and label == "encoder":  # the record names the seeds it holds, should this run stop
             record["settings"]["seeds"].append(key)
         record["seconds"][f"{label}/{key}"] = seconds
@@ -263,12 +279,14 @@ def run_testbed(args, defaults: dict) -> None:
         save()
 
     for seed in args.seeds:
-        add("encoder", seed, *run_tune(testbed, both, "encoder", config(args, seed), classifier, hinge))
+        add("encoder", seed, *run_tune(testbed, both, "encoder", config(args, seed), classifier, train_set, hinge))
         if "no-alignment" in sections:
-            add("no alignment", seed, *run_tune(testbed, {style: 1.0}, "encoder", config(args, seed), classifier))
+            add("no alignment", seed, *run_tune(testbed, {style: 1.0}, "encoder", config(args, seed), classifier,
+                                                train_set))
         if "den" in sections:
             den = dataclasses.replace(config(args, seed), lr=args.den_lr, drift_limit=None)
-            add("enc -> den", seed, *run_tune(tuned[("encoder", seed)], both, "denoiser", den, classifier, hinge))
+            add("enc -> den", seed, *run_tune(tuned[("encoder", seed)], both, "denoiser", den, classifier, train_set,
+                                               hinge))
     if "quant" in sections:
         ids = held.input_ids
         for label, recipe, bits in (("4-bit", "uniform", 4.0), ("1.99-bit", "bitsfusion", 1.99)):
@@ -287,7 +305,8 @@ def run_testbed(args, defaults: dict) -> None:
             if k == args.grad_steps:
                 continue
             try:
-                model, seconds = run_tune(testbed, both, "encoder", config(args, seed0, k), classifier, hinge)
+                model, seconds = run_tune(testbed, both, "encoder", config(args, seed0, k), classifier, train_set,
+                                          hinge)
             except FxpressError as exc:  # K = 1 where the last step is the identity is refused: record why
                 k_runs[k] = {"refused": str(exc)}
                 print("K", k, "refused", exc, flush=True)
@@ -299,7 +318,7 @@ def run_testbed(args, defaults: dict) -> None:
         save()
     if "interp" in sections:
         add("opposite", seed0, *run_tune(testbed, {opposite: 1.0, "alignment": args.align_weight}, "encoder",
-                                         config(args, seed0), classifier, hinge))
+                                         config(args, seed0), classifier, train_set, hinge))
         main_model, opposite_model = tuned[("encoder", seed0)], tuned[("opposite", seed0)]
         curves = {"weights: tuned <-> original": [], "weights: tuned <-> opposite": [],
                   "embeddings: tuned <-> original": []}
@@ -325,7 +344,8 @@ def run_testbed(args, defaults: dict) -> None:
     shown = {"original": testbed, **{f"{label}" if label != "opposite" else f"encoder ({opposite})": model
                                      for (label, key), model in tuned.items() if key == seed0}}
     panels = {label: generate(model, grid_prompts, 4)[0] for label, model in shown.items()}
-    save_file({k: v.contiguous() for k, v in panels.items()}, str(args.cache / f"{args.testbed}_grid.safetensors"))
+    grid_file = args.cache / f"{out.stem.removeprefix('textcraftor.')}_grid.safetensors"  # shapes.warm_grid...
+    save_file({k: v.contiguous() for k, v in panels.items()}, str(grid_file))
     record["grid_prompts"] = [c for c, _ in held_prompts[:8]]
     record["seconds"]["total"] = round(time.perf_counter() - began, 1)
     save()
@@ -345,7 +365,9 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
         rec = json.loads((RESULTS / f"textcraftor.{name}.json").read_text())
         for extra in sorted(RESULTS.glob(f"textcraftor.{name}.*.json")):  # tagged runs: rows and missing sections
             more = json.loads(extra.read_text())
-            tag = extra.name.split(".")[2]
+            if (more["style"], more["settings"].get("unsaid", [])) != (rec["style"], rec["settings"].get("unsaid", [])):
+                continue  # another style, or other prompts: a record of its own (--combine shapes.<tag>)
+            tag = extra.name.removeprefix(f"textcraftor.{name}.").removesuffix(".json")
             for label, rows in more["runs"].items():
                 rec["runs"][f"{label} ({tag}: {_changed(rec, more)})"] = rows
             for section in ("k_runs", "memory", "interpolation"):
@@ -355,8 +377,10 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
         style, opposite = rec["style"], rec["opposite"]
         base = rec["base"]
         s = rec["settings"]
+        unsaid = s.get("unsaid") or []
         lines += [f"## {name}: style reward `{style}` (opposite `{opposite}`), constraint `alignment`", "",
-                  f"{rec['prompts']['train']} training prompts, {rec['prompts']['held_out']} held-out prompts x "
+                  f"{rec['prompts']['train']} training prompts, {rec['prompts']['held_out']} held-out prompts"
+                  f"{' (leaving ' + ' and '.join(unsaid) + ' unsaid)' if unsaid else ''} x "
                   f"{rec['prompts']['per_prompt']} fixed-seed samples; {s['steps']} updates of batch {s['batch']}, "
                   f"lr {s['lr']}, K = {s['grad_steps'] or 'all'}, alignment weight {s['align_weight']}, training seeds "
                   f"{s['seeds']}. Machine: {rec['machine']}.", "",
@@ -393,6 +417,11 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
                 lines.append(f"{label}: gain {mean:+.4f} = {ratio}{len(rows)} seed(s); per seed "
                              f"{', '.join(f'{g:+.4f}' for g in gains)}); accuracy change "
                              f"{statistics.fmean(accuracy) * 100:+.1f} points (worst seed {min(accuracy) * 100:+.1f}).")
+        if "named accuracy" in base:
+            named = [r["named accuracy"] for r in enc]
+            lines.append(f"On the held-out prompts that name every factor (4 samples each), accuracy "
+                         f"{base['named accuracy']:.3f} before, {fmt(summary(named), 3)} after (per seed "
+                         f"{', '.join(f'{a:.3f}' for a in named)}).")
         if "late " + style in enc[0] and s["grad_steps"]:
             late_gain = summary([r["late " + style] - base[style] for r in enc])
             late_sd = summary([r["late " + style] for r in enc])[1]
@@ -516,6 +545,8 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="add --seeds to the existing record of the same settings and --tag (a run over sessions)")
     parser.add_argument("--per-prompt", type=int, default=16)
+    parser.add_argument("--unsaid", nargs="*", default=[], metavar="FACTOR",
+                        help="factors the prompts leave unsaid (shapes: colour, so that a palette style may pick it)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fxpress_textcraftor_cache"))
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS),
                         help="what to run besides the encoder tuning itself (none: the encoder alone)")

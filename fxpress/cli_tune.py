@@ -21,11 +21,14 @@ def add_tune_parsers(sub, console: Console) -> None:
     t.add_argument("model", help="testbed zoo model (testbed-digits-unet, ...), testbed name, or a folder written by "
                                  "`fxpress tune` / `fxpress blend`")
     t.add_argument("--reward", action="append", required=True, metavar="NAME=WEIGHT",
-                   help="a reward and its weight (repeatable): alignment, bright, dark, vivid, muted (colour), thick, "
-                        "thin (strokes), upright, tilted (a rotation the classifier reads)")
+                   help="a reward and its weight (repeatable): alignment, bright, dark, vivid, muted, warm, cool "
+                        "(colour), thick, thin (strokes), upright, tilted (a rotation the classifier reads)")
     t.add_argument("--keep", action="append", default=[], metavar="NAME",
                    help="hold a reward (one of --reward's) as a constraint: it pulls only while a batch falls below "
                         "the starting model's level, measured before training (repeatable; e.g. --keep alignment)")
+    t.add_argument("--leave-unsaid", action="append", default=[], metavar="FACTOR",
+                   help="prompts leave this factor unsaid, so the sampler (and a style reward) chooses it: "
+                        "--leave-unsaid colour with --reward warm=1 tunes a palette (repeatable)")
     t.add_argument("--keep-samples", type=int, default=256,
                    help="samples of the training prompts that measure the kept rewards' floors")
     t.add_argument("--target", default="encoder", choices=("encoder", "denoiser", "encoder+denoiser"),
@@ -122,6 +125,7 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
     if args.eval_per_prompt < 0:
         raise RecipeError(f"--eval-per-prompt must be 0 or more, got {args.eval_per_prompt}")
     testbed = open_testbed(args.model)
+    train_prompts, held = prompt_split(testbed, args.leave_unsaid)  # refused before any training
     classifier = None
     if any(name in CLASSIFIER_REWARDS for name, _ in recipe.rewards):
         saved = Path(args.model) / "reward_classifier.safetensors"
@@ -131,7 +135,6 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
             console.print("training the rewards' own classifier (seed 1; the testbed's classifier judges it)")
             classifier = reward_classifier(testbed)
     rewards = make_rewards(testbed, dict(recipe.rewards), classifier)
-    train_prompts, held = prompt_split(testbed)
     held_set = prompt_set(testbed, held)
     per_prompt = args.eval_per_prompt
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first process reports and writes
@@ -147,6 +150,7 @@ def run_tune(args: argparse.Namespace, console: Console) -> int:
     after = evaluate_tuning(result.testbed, rewards, held_set, per_prompt) if per_prompt else None
     record = {"tuned_from": args.model, "testbed": testbed.spec.name, "rewards": dict(recipe.rewards),
               "target": recipe.target, "settings": dataclasses.asdict(recipe.train), "lora_rank": recipe.lora_rank,
+              "unsaid": list(args.leave_unsaid),
               "floors": result.reports[0]["floors"],
               "stages": result.reports, "held_out": {"prompts": len(held), "per_prompt": per_prompt,
                                                      "before": before, "after": after},

@@ -19,6 +19,7 @@ from fxpress.training.rewards import (
     Brightness,
     InkCoverage,
     Saturation,
+    Warmth,
     WeightedRewards,
     foreground_mask,
     style_reward,
@@ -57,6 +58,44 @@ def test_saturation_reward_prefers_colour_and_needs_colour_images():
     assert foreground_mask(red).sum() == 36
     with pytest.raises(FxpressError, match="colour"):
         vivid(torch.zeros(2, 1, 8, 8))
+
+
+def test_warmth_reward_reads_red_against_blue_on_the_shape_only():
+    back = (-0.84, -0.84, -0.84)
+    red, yellow = square((0.8, -0.7, -0.8), back), square((0.9, 0.7, -0.8), back)
+    blue, grey = square((-0.7, -0.4, 0.9), back), square((0.2, 0.2, 0.2), back)
+    warm, cool = Warmth(1.0), Warmth(-1.0)
+    scores = torch.cat([warm(x) for x in (red, yellow, blue, grey)])
+    # the shape's red minus blue in [0, 1] units (0.8, 0.85, -0.8, 0), each scaled alike by the share of
+    # the soft foreground weight that falls on the shape; the grey background's red minus blue is 0
+    assert 0.5 < scores[0] < 0.8
+    torch.testing.assert_close(scores / scores[0], torch.tensor([1.0, 0.85 / 0.8, -1.0, 0.0]), atol=0.01, rtol=0)
+    torch.testing.assert_close(cool(red), -warm(red))
+    # the evaluator is the HSV hue's closeness to orange: red (hue 3.75°) cos(26.25°), blue (228.75°) cos(198.75°)
+    hues = torch.cat([warm.evaluate(x) for x in (red, blue)])
+    torch.testing.assert_close(hues, torch.tensor([0.8969, -0.9469]), atol=1e-3, rtol=0)
+    assert warm.evaluate(yellow) > 0.8 and warm.evaluate(grey).item() == 0.0  # grey: no hue to read
+    image = red.clone().requires_grad_(True)
+    warm(image).sum().backward()  # red up and blue down, on the shape; the background barely counts
+    shape = image.grad[:, :, 5:11, 5:11]
+    assert shape[:, 0].gt(0).all() and shape[:, 2].lt(0).all() and image.grad[:, 1].abs().sum() == 0
+    assert image.grad[:, :, :5].abs().max() < 0.1 * shape[:, 0].min()
+    with pytest.raises(FxpressError, match="colour"):
+        warm(torch.zeros(2, 1, 8, 8))
+
+
+def test_hue_matches_colorsys():
+    import colorsys
+
+    from fxpress.training.rewards import _hue
+
+    pixels = torch.rand(3, 1, 64, generator=torch.Generator().manual_seed(0))
+    ours = _hue(pixels[None])[0, 0]
+    for i in range(64):
+        r, g, b = (float(pixels[c, 0, i]) for c in range(3))
+        expected = colorsys.rgb_to_hsv(r, g, b)[0] * 2 * torch.pi
+        assert abs(torch.cos(ours[i]) - torch.cos(torch.tensor(expected))) < 1e-4
+        assert abs(torch.sin(ours[i]) - torch.sin(torch.tensor(expected))) < 1e-4
 
 
 def test_ink_evaluator_reads_stroke_width_in_pixels():

@@ -43,16 +43,37 @@ def test_prompt_split_holds_out_every_third_prompt_and_names_every_factor(digits
     assert "a handwritten two" in {c for c, _ in prompt_split(digits)[1]}
 
 
+def test_prompts_may_leave_factors_unsaid_for_a_style_to_choose(digits):
+    shapes = load_testbed("shapes")
+    train, held = prompt_split(shapes, ["colour"])
+    assert (len(train), len(held)) == (22, 10)  # 4 shapes x 2 sizes x 4 positions, every third held out
+    assert not {c for c, _ in train} & {c for c, _ in held}
+    colours = ("red", "green", "blue", "yellow", "magenta", "cyan")
+    assert not any(word in caption.split() for caption, _ in train + held for word in colours)
+    assert "a small circle at the bottom left" in {c for c, _ in held}
+    prompts = prompt_set(shapes, held)
+    assert bool((prompts.targets["colour"] == -1).all())
+    assert all(bool((prompts.targets[k] >= 0).all()) for k in ("shape", "size", "position"))
+    with pytest.raises(FxpressError, match="no factor 'hue' to leave unsaid; its factors: shape, colour"):
+        prompt_split(shapes, ["hue"])
+    with pytest.raises(FxpressError, match="leaves no prompt"):
+        prompt_split(shapes, list(shapes.spec.factors))
+    with pytest.raises(FxpressError, match="cannot write captions that leave a factor unsaid"):
+        prompt_split(digits, list(digits.spec.factors)[:1])
+
+
 def test_rewards_are_chosen_per_testbed_and_named_when_wrong(digits):
     assert set(style_names(digits)) == {"bright", "dark", "thick", "thin"}
     shapes = load_testbed("shapes")
-    assert set(style_names(shapes)) == {"bright", "dark", "vivid", "muted", "upright", "tilted"}
+    assert set(style_names(shapes)) == {"bright", "dark", "vivid", "muted", "warm", "cool", "upright", "tilted"}
     with pytest.raises(FxpressError, match="upright reward needs its own classifier"):
         make_rewards(shapes, {"upright": 1.0})
     with pytest.raises(FxpressError, match="no reward 'upright'"):
         make_rewards(digits, {"upright": 1.0})
     with pytest.raises(FxpressError, match="no reward 'vivid'"):
         make_rewards(digits, {"vivid": 1.0})
+    with pytest.raises(FxpressError, match="no reward 'warm'"):
+        make_rewards(digits, {"warm": 1.0})
     with pytest.raises(FxpressError, match="own classifier"):
         make_rewards(digits, {"alignment": 1.0})
     assert parse_rewards(["bright=0.5", "alignment"]) == (("bright", 0.5), ("alignment", 1.0))
@@ -134,6 +155,18 @@ def test_cli_tune_writes_a_folder_that_loads_compresses_and_blends(tmp_path, cap
             torch.testing.assert_close(got[key], torch.lerp(b, a, weight), rtol=0, atol=1e-7)
 
 
+def test_cli_tune_leaves_a_factor_unsaid_for_a_palette_reward(tmp_path, capsys):
+    out = tmp_path / "warm"
+    assert main(["--quiet", "tune", "shapes", "--reward", "warm=1", "--leave-unsaid", "colour", "--steps", "1",
+                 "--batch", "2", "--grad-steps", "2", "--lr", "1e-3", "--eval-per-prompt", "1",
+                 "--out", str(out)]) == 0
+    assert "warm/eval" in capsys.readouterr().out
+    record = json.loads((out / "record.json").read_text())
+    assert record["unsaid"] == ["colour"] and record["held_out"]["prompts"] == 10  # 32 prompts without a colour
+    original = load_testbed("shapes").text_encoder.state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in load_tuned(out).text_encoder.state_dict().items())
+
+
 def test_cli_tune_and_blend_refuse_bad_input_without_writing(tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["--quiet", "tune", "testbed-digits-unet", "--reward", "vivid=1", "--out", str(out)]) == 2
@@ -147,6 +180,9 @@ def test_cli_tune_and_blend_refuse_bad_input_without_writing(tmp_path, capsys):
     assert main(["--quiet", "tune", "digits", "--reward", "thick=1", "--target", "denoiser", "--drift-limit", "0.1",
                  "--out", str(out)]) == 2
     assert "drift_limit bounds the tuned encoder" in capsys.readouterr().err and not out.exists()
+    assert main(["--quiet", "tune", "digits", "--reward", "thick=1", "--leave-unsaid", "colour", "--out",
+                 str(out)]) == 2
+    assert "no factor 'colour' to leave unsaid" in capsys.readouterr().err and not out.exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

@@ -1,7 +1,8 @@
 """What reward fine-tuning (TextCraftor) needs from a testbed: its sampler, prompt sets, rewards, evaluation.
 
-Prompts: every caption that names all of a testbed's factors (10 on digits, 192 on shapes), split by
-index: every third is held out for evaluation, the rest train. The alignment reward's classifier is a
+Prompts: every caption that names all of a testbed's factors (10 on digits, 192 on shapes), or all but
+the ones a run leaves unsaid (32 on shapes without the colour), split by index: every third is held out
+for evaluation, the rest train. The alignment reward's classifier is a
 second factor classifier trained with its own seed; the testbed's committed classifier judges it, so
 the accuracy an evaluation reports is never read by the model the reward tuned against.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,10 +40,19 @@ def sampler_spec(testbed: Testbed, steps: int | None = None) -> SamplerSpec:
                                       sample_input=spec.sample_input)
 
 
-def all_prompts(testbed: Testbed) -> list[tuple[str, dict[str, int]]]:
-    """Every caption naming all factors, with the factor values it asks for."""
+def all_prompts(testbed: Testbed, unsaid: Sequence[str] = ()) -> list[tuple[str, dict[str, int]]]:
+    """Every caption naming all factors but those in `unsaid` (left for the sampler to choose, so a style
+    reward may pick them: a palette where the colour is unsaid), with the factor values it asks for."""
     spec = testbed.spec
-    names = list(spec.factors)
+    unknown = sorted(set(unsaid) - set(spec.factors))
+    if unknown:
+        raise FxpressError(f"testbed {spec.name!r} has no factor {', '.join(map(repr, unknown))} to leave unsaid; "
+                           f"its factors: {', '.join(spec.factors)}")
+    names = [k for k in spec.factors if k not in unsaid]
+    if unsaid and spec.describe is None:
+        raise FxpressError(f"testbed {spec.name!r} cannot write captions that leave a factor unsaid")
+    if not names:
+        raise FxpressError(f"leaving every factor of testbed {spec.name!r} unsaid leaves no prompt to tune on")
     out = []
     for values in itertools.product(*(range(spec.factors[k]) for k in names)):
         factors = dict(zip(names, values))
@@ -58,9 +69,10 @@ def _caption(testbed: Testbed, factors: dict[str, int]) -> str:
     return known[key]
 
 
-def prompt_split(testbed: Testbed) -> tuple[list[tuple[str, dict[str, int]]], list[tuple[str, dict[str, int]]]]:
-    """Return (training prompts, held-out prompts): every third prompt is held out."""
-    prompts = all_prompts(testbed)
+def prompt_split(testbed: Testbed, unsaid: Sequence[str] = ()) -> tuple[list[tuple[str, dict[str, int]]],
+                                                                         list[tuple[str, dict[str, int]]]]:
+    """Return (training prompts, held-out prompts) of `all_prompts(testbed, unsaid)`: every third is held out."""
+    prompts = all_prompts(testbed, unsaid)
     train = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     held = [p for i, p in enumerate(prompts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     return train, held
@@ -74,11 +86,10 @@ def prompt_set(testbed: Testbed, prompts: list[tuple[str, dict[str, int]]]) -> P
 
 
 def style_names(testbed: Testbed) -> list[str]:
-    """The style rewards that apply to the testbed's images (saturation needs colour; ink, strokes on a
-    dark ground, applies to single-channel images; upright / tilted need a rotation the classifier reads)."""
-    colour = testbed.spec.channels == 3
-    pixel = [n for n, (kind, _) in STYLE_REWARDS.items()
-             if (kind.__name__ != "Saturation" or colour) and (kind.__name__ != "InkCoverage" or not colour)]
+    """The style rewards that apply to the testbed's images (saturation and warmth need colour; ink, strokes
+    on a dark ground, applies to single-channel images; upright / tilted need a rotation the classifier reads)."""
+    kind_of_images = "colour" if testbed.spec.channels == 3 else "grey"
+    pixel = [n for n, (kind, _) in STYLE_REWARDS.items() if kind.image_kind in ("any", kind_of_images)]
     return pixel + (list(ANGLE_STYLES) if "rotation" in testbed.spec.angles else [])
 
 

@@ -7,7 +7,8 @@ statistic), so reward hacking shows up as a reward that rises while its evaluato
 
 `AlignmentReward` is the CLIP-score analogue: the log-probability, under a classifier, of the factors the
 prompt names. The style rewards ask for something no prompt names and come in opposite pairs:
-`Brightness` (bright / dark), `Saturation` (vivid / muted, colour images), `InkCoverage` (thick / thin
+`Brightness` (bright / dark), `Saturation` (vivid / muted, colour images), `Warmth` (warm / cool, colour
+images: a palette where the prompt leaves the colour unsaid), `InkCoverage` (thick / thin
 strokes) and `AngleReward` (an angle no prompt names, such as a shape's rotation: upright / tilted, read by
 a classifier's angle head). `WeightedRewards` makes the loss −Σ wᵢ·mean(rᵢ); a reward given a floor is a
 constraint instead: its term is −wᵢ·min(mean(rᵢ) − floorᵢ, 0), so it pulls only while the batch's mean is
@@ -52,6 +53,7 @@ class Reward(nn.Module):
     """A differentiable score of images given the prompts' targets, with a held-out `evaluate`."""
 
     name = "reward"
+    image_kind = "any"  # which images it scores: "any", "colour" (3 channels) or "grey" (strokes on a dark ground)
 
     def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
         """Return (N,) rewards, differentiable in `images`."""
@@ -132,6 +134,8 @@ class Saturation(Reward):
     colour channels, in [0, 1]); evaluated as the median HSV saturation (max − min) / max of the hard
     foreground. Colour images only."""
 
+    image_kind = "colour"
+
     def __init__(self, direction: float = 1.0, sharpness: float = 20.0):
         super().__init__()
         self.direction, self.sharpness = float(direction), float(sharpness)
@@ -152,11 +156,52 @@ class Saturation(Reward):
         return _masked_median((high - low) / high.clamp_min(1e-3), foreground_mask(images))
 
 
+class Warmth(Reward):
+    """`direction` (+1 warm, −1 cool) times the foreground-weighted mean of red minus blue (in [−1, 1]);
+    evaluated as the median over the hard foreground's coloured pixels (chroma > 0.1; 0 where there are none)
+    of cos(hue − 30°), the HSV hue's closeness to orange (red and yellow near +0.9, cyan and blue near −0.9).
+    Colour images only. On a prompt that leaves the
+    colour unsaid it asks for a palette; on one that names it, for a colour the prompt did not ask for."""
+
+    image_kind = "colour"
+
+    def __init__(self, direction: float = 1.0, sharpness: float = 20.0):
+        super().__init__()
+        self.direction, self.sharpness = float(direction), float(sharpness)
+        self.name = "warm" if direction > 0 else "cool"
+
+    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        _need_colour(images, self.name)
+        unit = _to_unit(images)
+        weight = torch.sigmoid(self.sharpness * ((images - background(images)).abs().mean(1) - 0.15)).detach()
+        warmth = unit[:, 0] - unit[:, 2]
+        return self.direction * (warmth * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+        _need_colour(images, self.name)
+        unit = _to_unit(images)[:, :3]
+        coloured = foreground_mask(images) & (unit.amax(1) - unit.amin(1) > 0.1)  # grey has no hue
+        return _masked_median(torch.cos(_hue(unit) - np.pi / 6), coloured)
+
+
+def _hue(rgb: torch.Tensor) -> torch.Tensor:
+    """HSV hue in radians (N, H, W) of images (N, 3, H, W) in [0, 1]; 0 where a pixel is grey."""
+    r, g, b = rgb.unbind(1)
+    high, low = rgb.amax(1), rgb.amin(1)
+    span = (high - low).clamp_min(1e-6)
+    sector = torch.where(high == r, ((g - b) / span) % 6,
+                         torch.where(high == g, (b - r) / span + 2, (r - g) / span + 4))
+    return torch.where(high - low > 1e-6, sector * (np.pi / 3), torch.zeros_like(sector))
+
+
 class InkCoverage(Reward):
     """`direction` (+1 thicker, −1 thinner strokes) times the soft share of pixels brighter than the middle
     grey (a sigmoid of sharpness `sharpness`); evaluated as the mean stroke width in pixels of the hard ink
     mask, 4·d − 2 with d the mean distance of ink pixels to the nearest background pixel (across a stroke
     w pixels wide the distances run 1, 2, …, w/2 and back, so d ≈ (w + 2) / 4)."""
+
+    image_kind = "grey"
 
     def __init__(self, direction: float = 1.0, sharpness: float = 10.0):
         super().__init__()
@@ -239,7 +284,8 @@ def _masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 STYLE_REWARDS = {"bright": (Brightness, 1.0), "dark": (Brightness, -1.0), "vivid": (Saturation, 1.0),
-                 "muted": (Saturation, -1.0), "thick": (InkCoverage, 1.0), "thin": (InkCoverage, -1.0)}
+                 "muted": (Saturation, -1.0), "warm": (Warmth, 1.0), "cool": (Warmth, -1.0),
+                 "thick": (InkCoverage, 1.0), "thin": (InkCoverage, -1.0)}
 
 
 def style_reward(name: str) -> Reward:
