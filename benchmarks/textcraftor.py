@@ -4,8 +4,8 @@ Per testbed, a style reward no prompt asks for (digits: `thick` strokes; shapes:
 `warm` with --unsaid colour: a palette among the colours the denoiser saw, on prompts that leave the colour
 unsaid; with every factor named, the shapes denoiser has no other colours than its palette's, so a colour
 style can only be hacked there) and its opposite (`thin`, `tilted`, `cool`) for interpolation, with the
-alignment reward (log-probability of the named
-factors under a second classifier; the testbed's committed classifier judges accuracy) as the constraint:
+alignment reward (log-probability of the named factors under a second classifier; the testbed's committed
+classifier judges accuracy) as the constraint:
 
   encoder        the text encoder tuned on style + alignment (TextCraftor), seeds --seeds
   no alignment   the same on the style reward alone
@@ -404,10 +404,11 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
         gain = summary([r[style] - base[style] for r in enc])
         sd = summary([r[style] for r in enc])[1]
         acc_drop = base["accuracy"] - summary([r["accuracy"] for r in enc])[0]
+        worst = min(r["accuracy"] for r in enc) - base["accuracy"]
         lines += ["", f"Encoder-only gain {gain[0]:+.4f} = {gain[0] / sd if sd else float('inf'):.1f} σ_seed "
                       f"(σ_seed {sd:.4f}); evaluator change "
                       f"{summary([r[style + '/eval'] - base[style + '/eval'] for r in enc])[0]:+.4f}; accuracy "
-                      f"change {-acc_drop * 100:+.1f} points."]
+                      f"change {-acc_drop * 100:+.1f} points (worst seed {worst * 100:+.1f})."]
         for label, rows in rec["runs"].items():  # the tagged runs of the encoder alone, each on its own line
             if label.startswith("encoder ("):
                 gains = [r[style] - base[style] for r in rows]

@@ -129,24 +129,39 @@ class Brightness(Reward):
         return _masked_median(value, foreground_mask(images))
 
 
-class Saturation(Reward):
-    """`direction` (+1 vivid, −1 muted) times the foreground-weighted mean chroma (max − min over the
-    colour channels, in [0, 1]); evaluated as the median HSV saturation (max − min) / max of the hard
-    foreground. Colour images only."""
+class ColourReward(Reward):
+    """A reward on colour images: `direction` times the mean of `quantity` (per pixel, of the images in
+    [0, 1]) over the soft foreground, the pixels that differ from the background, weighted by a sigmoid of
+    sharpness `sharpness` (no gradient through the weights). `names`: the names for +1 and −1."""
 
     image_kind = "colour"
+    names = ("colour", "colour")
 
     def __init__(self, direction: float = 1.0, sharpness: float = 20.0):
         super().__init__()
         self.direction, self.sharpness = float(direction), float(sharpness)
-        self.name = "vivid" if direction > 0 else "muted"
+        self.name = self.names[0] if direction > 0 else self.names[1]
+
+    def quantity(self, unit: torch.Tensor) -> torch.Tensor:
+        """Return the (N, H, W) per-pixel value of images (N, C, H, W) in [0, 1] that the reward averages."""
+        raise NotImplementedError
 
     def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
         _need_colour(images, self.name)
-        unit = _to_unit(images)
-        chroma = unit.amax(1) - unit.amin(1)
         weight = torch.sigmoid(self.sharpness * ((images - background(images)).abs().mean(1) - 0.15)).detach()
-        return self.direction * (chroma * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+        value = self.quantity(_to_unit(images))
+        return self.direction * (value * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+
+
+class Saturation(ColourReward):
+    """`direction` (+1 vivid, −1 muted) times the foreground-weighted mean chroma (max − min over the
+    colour channels, in [0, 1]); evaluated as the median HSV saturation (max − min) / max of the hard
+    foreground."""
+
+    names = ("vivid", "muted")
+
+    def quantity(self, unit: torch.Tensor) -> torch.Tensor:
+        return unit.amax(1) - unit.amin(1)
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
@@ -156,26 +171,17 @@ class Saturation(Reward):
         return _masked_median((high - low) / high.clamp_min(1e-3), foreground_mask(images))
 
 
-class Warmth(Reward):
+class Warmth(ColourReward):
     """`direction` (+1 warm, −1 cool) times the foreground-weighted mean of red minus blue (in [−1, 1]);
     evaluated as the median over the hard foreground's coloured pixels (chroma > 0.1; 0 where there are none)
     of cos(hue − 30°), the HSV hue's closeness to orange (red and yellow near +0.9, cyan and blue near −0.9).
-    Colour images only. On a prompt that leaves the
-    colour unsaid it asks for a palette; on one that names it, for a colour the prompt did not ask for."""
+    On a prompt that leaves the colour unsaid it asks for a palette; on one that names it, for a colour the
+    prompt did not ask for."""
 
-    image_kind = "colour"
+    names = ("warm", "cool")
 
-    def __init__(self, direction: float = 1.0, sharpness: float = 20.0):
-        super().__init__()
-        self.direction, self.sharpness = float(direction), float(sharpness)
-        self.name = "warm" if direction > 0 else "cool"
-
-    def forward(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
-        _need_colour(images, self.name)
-        unit = _to_unit(images)
-        weight = torch.sigmoid(self.sharpness * ((images - background(images)).abs().mean(1) - 0.15)).detach()
-        warmth = unit[:, 0] - unit[:, 2]
-        return self.direction * (warmth * weight).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+    def quantity(self, unit: torch.Tensor) -> torch.Tensor:
+        return unit[:, 0] - unit[:, 2]
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
