@@ -30,6 +30,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -51,6 +52,7 @@ from fxpress.testbed.classifier import FactorClassifier  # noqa: E402
 from fxpress.testbed.grid import grid_png  # noqa: E402
 from fxpress.testbed.models import Testbed, load_testbed  # noqa: E402
 from fxpress.testbed.sampling import seeded_noise  # noqa: E402
+from fxpress.testbed.specs import TESTBEDS  # noqa: E402
 from fxpress.testbed.tuning import (  # noqa: E402
     evaluate_tuning,
     generate,
@@ -405,8 +407,9 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
         sd = summary([r[style] for r in enc])[1]
         acc_drop = base["accuracy"] - summary([r["accuracy"] for r in enc])[0]
         worst = min(r["accuracy"] for r in enc) - base["accuracy"]
-        lines += ["", f"Encoder-only gain {gain[0]:+.4f} = {gain[0] / sd if sd else float('inf'):.1f} σ_seed "
-                      f"(σ_seed {sd:.4f}); evaluator change "
+        spread = (f" = {gain[0] / sd if sd else float('inf'):.1f} σ_seed (σ_seed {sd:.4f})" if len(enc) > 1
+                  else " (one seed, no σ_seed)")
+        lines += ["", f"Encoder-only gain {gain[0]:+.4f}{spread}; evaluator change "
                       f"{summary([r[style + '/eval'] - base[style + '/eval'] for r in enc])[0]:+.4f}; accuracy "
                       f"change {-acc_drop * 100:+.1f} points (worst seed {worst * 100:+.1f})."]
         for label, rows in rec["runs"].items():  # the tagged runs of the encoder alone, each on its own line
@@ -418,6 +421,13 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
                 lines.append(f"{label}: gain {mean:+.4f} = {ratio}{len(rows)} seed(s); per seed "
                              f"{', '.join(f'{g:+.4f}' for g in gains)}); accuracy change "
                              f"{statistics.fmean(accuracy) * 100:+.1f} points (worst seed {min(accuracy) * 100:+.1f}).")
+        varieties = [k for k in base if k.endswith(" variety")]
+        for key in varieties:  # how much of an unsaid factor's variety each model keeps
+            shown = [f"{label} {fmt(summary([r[key] for r in rows]), 2)}" for label, rows in rec["runs"].items()
+                     if key in rows[0]]
+            lines.append(f"{key.capitalize()} (entropy in bits of the judge's reading on the held-out samples; "
+                         f"{math.log2(TESTBEDS[rec['testbed']].factors[key.split()[0]]):.2f} is uniform): original "
+                         f"{base[key]:.2f}, {', '.join(shown)}.")
         if "named accuracy" in base:
             named = [r["named accuracy"] for r in enc]
             lines.append(f"On the held-out prompts that name every factor (4 samples each), accuracy "
@@ -469,12 +479,16 @@ def combine(names: list[str], cache: Path, notes: Path | None = None) -> None:
                       "",
                       "| path | reward by w | evaluator by w | Spearman ρ (reward) | ρ (evaluator) |",
                       "|---|---|---|---|---|"]
+            lines_after = []
             for path, rows in interp["curves"].items():
+                lines_after += [f"- {path}: {key} by w " + " / ".join(f"{r[key]:.2f}" for r in rows)
+                                for key in varieties if key in rows[0]]
                 rewards = " / ".join(f"{r[style]:.4f}" for r in rows)
                 evaluators = " / ".join(f"{r[style + '/eval']:.3f}" for r in rows)
                 lines.append(f"| {path} | {rewards} | {evaluators} | "
                              f"{interp['spearman'][path]:.2f} | {interp['spearman_eval'][path]:.2f} |")
                 plots[f"{name}: {path}"] = (interp["weights"], [r[style] for r in rows], style)
+            lines += [""] * bool(lines_after) + lines_after
         lines += ["", f"Seconds: {rec['seconds']}", ""]
         grid_file = cache / f"{name}_grid.safetensors"
         if grid_file.is_file():

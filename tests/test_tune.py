@@ -21,6 +21,7 @@ from fxpress.testbed.tuning import (
     reward_classifier,
     sampler_spec,
     style_names,
+    unsaid_variety,
 )
 from fxpress.tune import LEVEL_SEED, TuneRecipe, parse_rewards, tune
 
@@ -60,6 +61,25 @@ def test_prompts_may_leave_factors_unsaid_for_a_style_to_choose(digits):
         prompt_split(shapes, list(shapes.spec.factors))
     with pytest.raises(FxpressError, match="cannot write captions that leave a factor unsaid"):
         prompt_split(digits, list(digits.spec.factors)[:1])
+
+
+def test_variety_is_the_entropy_of_an_unsaid_factor_as_the_classifier_reads_it():
+    from types import SimpleNamespace
+
+    read = torch.tensor([0, 1, 2, 3, 0, 0, 5, 5])  # the classifier's colour for 8 images
+
+    def classifier(images):
+        return {"colour": torch.nn.functional.one_hot(read, 6).float(), "shape": torch.zeros(8, 4)}
+
+    testbed = SimpleNamespace(classifier=classifier)
+    images = torch.zeros(8, 3, 4, 4)
+    colour = torch.tensor([-1, -1, -1, -1, 2, 2, 2, 2])  # only the first four prompts leave the colour unsaid
+    assert unsaid_variety(testbed, images, {"colour": colour, "shape": torch.zeros(8, dtype=torch.long)}) == {
+        "colour variety": 2.0}
+    colour = torch.tensor([-1, -1, 0, 0, -1, -1, 0, 0])  # unsaid on images read 0, 1, 0, 0: 1/4 and 3/4
+    variety = unsaid_variety(testbed, images, {"colour": colour})["colour variety"]
+    assert variety == pytest.approx(-(0.25 * torch.tensor(0.25).log2() + 0.75 * torch.tensor(0.75).log2()).item())
+    assert unsaid_variety(testbed, images, {"colour": torch.zeros(8, dtype=torch.long)}) == {}
 
 
 def test_rewards_are_chosen_per_testbed_and_named_when_wrong(digits):
@@ -160,7 +180,8 @@ def test_cli_tune_leaves_a_factor_unsaid_for_a_palette_reward(tmp_path, capsys):
     assert main(["--quiet", "tune", "shapes", "--reward", "warm=1", "--leave-unsaid", "colour", "--steps", "1",
                  "--batch", "2", "--grad-steps", "2", "--lr", "1e-3", "--eval-per-prompt", "1",
                  "--out", str(out)]) == 0
-    assert "warm/eval" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "warm/eval" in printed and "colour variety" in printed  # the palette's entropy, before and after
     record = json.loads((out / "record.json").read_text())
     assert record["unsaid"] == ["colour"] and record["held_out"]["prompts"] == 10  # 32 prompts without a colour
     original = load_testbed("shapes").text_encoder.state_dict()

@@ -165,8 +165,10 @@ def generate(testbed: Testbed, prompts: PromptSet, per_prompt: int, seed: int = 
 def evaluate_tuning(testbed: Testbed, rewards: WeightedRewards, prompts: PromptSet, per_prompt: int,
                     seed: int = 0, images: torch.Tensor | None = None) -> dict[str, float]:
     """Return the mean of every reward and of its held-out evaluator ('<name>' and '<name>/eval') on
-    fixed-seed samples of `prompts`, and 'accuracy': the share of samples whose every named factor the
-    testbed's classifier reads back."""
+    fixed-seed samples of `prompts`, 'accuracy': the share of samples whose every named factor the
+    testbed's classifier reads back, and for each factor some prompts leave unsaid '<factor> variety': the
+    entropy in bits of the classifier's reading of it on those samples (a palette that collapses onto one
+    colour reads 0)."""
     if images is None:
         images, targets = generate(testbed, prompts, per_prompt, seed)
     else:
@@ -174,6 +176,23 @@ def evaluate_tuning(testbed: Testbed, rewards: WeightedRewards, prompts: PromptS
     out = {name: float(v.mean()) for name, v in rewards.scores(images, targets).items()}
     out.update({f"{name}/eval": float(v.mean()) for name, v in rewards.evaluate(images, targets).items()})
     out["accuracy"] = sample_accuracy(testbed, images, targets)
+    out.update(unsaid_variety(testbed, images, targets))
+    return out
+
+
+@torch.no_grad()
+def unsaid_variety(testbed: Testbed, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """For each factor that some samples' prompts leave unsaid (target < 0): the entropy in bits of the
+    testbed classifier's reading of it over those samples, as '<factor> variety'."""
+    logits = testbed.classifier(images)
+    out = {}
+    for name, target in targets.items():
+        unsaid = target < 0
+        if not bool(unsaid.any()):
+            continue
+        counts = torch.bincount(logits[name][unsaid].argmax(-1), minlength=logits[name].shape[-1]).double()
+        share = counts[counts > 0] / counts.sum()
+        out[f"{name} variety"] = float(-(share * share.log2()).sum())
     return out
 
 
@@ -188,4 +207,5 @@ def sample_accuracy(testbed: Testbed, images: torch.Tensor, targets: dict[str, t
 
 
 __all__ = ["ANGLE_STYLES", "CLASSIFIER_REWARDS", "all_prompts", "evaluate_tuning", "generate", "make_rewards",
-           "prompt_set", "prompt_split", "reward_classifier", "sample_accuracy", "sampler_spec", "style_names"]
+           "prompt_set", "prompt_split", "reward_classifier", "sample_accuracy", "sampler_spec", "style_names",
+           "unsaid_variety"]
