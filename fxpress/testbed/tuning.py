@@ -2,9 +2,9 @@
 
 Prompts: every caption that names all of a testbed's factors (10 on digits, 192 on shapes), or all but
 the ones a run leaves unsaid (32 on shapes without the colour), split by index: every third is held out
-for evaluation, the rest train. The alignment reward's classifier is a
-second factor classifier trained with its own seed; the testbed's committed classifier judges it, so
-the accuracy an evaluation reports is never read by the model the reward tuned against.
+for evaluation, the rest train. The alignment reward's classifier is a second factor classifier trained
+with its own seed; the testbed's committed classifier judges it, so the accuracy an evaluation reports is
+never read by the model the reward tuned against.
 """
 
 from __future__ import annotations
